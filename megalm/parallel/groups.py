@@ -1,0 +1,162 @@
+"""Process groups for the pipeline x data x tensor mesh, built once and passed explicitly.
+
+There is no module-level group state: `ProcessGroups` is created by `build_process_groups` and
+handed to every layer that communicates. `DeepSpeedMPU` adapts it to the `mpu` interface that
+deepspeed.initialize uses for ZeRO partitioning, gradient-norm reduction and checkpoint names.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megalm.parallel.dims import ParallelDims
+from megalm.parallel.launch_env import LaunchEnv, discover
+
+
+@dataclass(frozen=True)
+class ProcessGroups:
+    """This rank's coordinates and the groups it belongs to on each axis."""
+
+    dims: ParallelDims
+    rank: int
+    tensor: dist.ProcessGroup
+    data: dist.ProcessGroup
+    pipeline: dist.ProcessGroup
+    model: dist.ProcessGroup
+    """tensor x pipeline: the ranks that hold one model replica (Megatron's model-parallel group)."""
+
+    @property
+    def tensor_rank(self) -> int:
+        return self.dims.coords(self.rank)[2]
+
+    @property
+    def data_rank(self) -> int:
+        return self.dims.coords(self.rank)[1]
+
+    @property
+    def pipeline_rank(self) -> int:
+        return self.dims.coords(self.rank)[0]
+
+    @property
+    def model_rank(self) -> int:
+        """Rank inside the model-parallel group (tensor-major within a stage)."""
+        return self.pipeline_rank * self.dims.tensor + self.tensor_rank
+
+
+def backend_for_device() -> str:
+    """nccl when CUDA is available, gloo otherwise."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(
+    launch: LaunchEnv | None = None,
+    backend: str | None = None,
+    timeout_minutes: float = 10.0,
+) -> LaunchEnv:
+    """Initialise the default process group from the launcher's environment (idempotent).
+
+    A single process with no launcher still gets a world of one, so every code path is the same.
+    """
+    launch = launch or discover()
+    launch.export()
+    if dist.is_initialized():
+        return launch
+    backend = backend or backend_for_device()
+    if backend == "gloo" and launch.master_addr in ("127.0.0.1", "localhost"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # keep single-node traffic on loopback
+    if backend == "nccl":
+        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+    dist.init_process_group(
+        backend=backend,
+        init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+        rank=launch.rank,
+        world_size=launch.world_size,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
+    return launch
+
+
+def build_process_groups(dims: ParallelDims) -> ProcessGroups:
+    """Create every group of the mesh. Collective: every rank calls it, in the same order."""
+    world = dist.get_world_size()
+    if dims.world_size != world:
+        raise ValueError(
+            f"parallel dims tensor x pipeline x data = {dims.tensor} x {dims.pipeline} x {dims.data}"
+            f" = {dims.world_size} do not match the world size {world}"
+        )
+    rank = dist.get_rank()
+
+    def mine(all_groups: list[list[int]]) -> dist.ProcessGroup:
+        found = None
+        for ranks in all_groups:  # new_group must be called by all ranks for every group
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                found = group
+        assert found is not None, (rank, all_groups)
+        return found
+
+    return ProcessGroups(
+        dims=dims,
+        rank=rank,
+        tensor=mine(dims.tensor_groups()),
+        data=mine(dims.data_groups()),
+        pipeline=mine(dims.pipeline_groups()),
+        model=mine(dims.model_groups()),
+    )
+
+
+class DeepSpeedMPU:
+    """The `mpu` object deepspeed.initialize expects, backed by ProcessGroups.
+
+    DeepSpeed calls the model-parallel functions to reduce the gradient norm over the ranks that
+    hold different shards, to name checkpoint files (mp_rank_XX) and to skip double counting of
+    replicated parameters; the data-parallel ones to partition ZeRO state.
+    """
+
+    def __init__(self, groups: ProcessGroups) -> None:
+        self.groups = groups
+
+    # model parallel = tensor x pipeline (Megatron's meaning)
+    def get_model_parallel_rank(self) -> int:
+        return self.groups.model_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.groups.dims.tensor * self.groups.dims.pipeline
+
+    def get_model_parallel_group(self) -> dist.ProcessGroup:
+        return self.groups.model
+
+    # tensor model parallel
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self.groups.tensor_rank
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self.groups.dims.tensor
+
+    def get_tensor_model_parallel_group(self) -> dist.ProcessGroup:
+        return self.groups.tensor
+
+    # data parallel
+    def get_data_parallel_rank(self) -> int:
+        return self.groups.data_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.groups.dims.data
+
+    def get_data_parallel_group(self) -> dist.ProcessGroup:
+        return self.groups.data
+
+    # pipeline parallel
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return self.groups.pipeline_rank
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self.groups.dims.pipeline
+
+    def get_pipeline_model_parallel_group(self) -> dist.ProcessGroup:
+        return self.groups.pipeline

@@ -1,0 +1,43 @@
+import pytest
+
+from megalm.errors import MegalmError
+from megalm.parallel.dims import ParallelDims
+
+
+def test_from_world_derives_data():
+    assert ParallelDims.from_world(16, tensor=2, pipeline=4) == ParallelDims(tensor=2, pipeline=4, data=2)
+
+
+def test_message_shows_product():
+    with pytest.raises(MegalmError, match=r"world size 6 is not divisible by tensor x pipeline = 2 x 2 = 4"):
+        ParallelDims.from_world(6, tensor=2, pipeline=2)
+
+
+def test_rejects_non_positive():
+    with pytest.raises(ValueError, match="tensor"):
+        ParallelDims(tensor=0, pipeline=1, data=1)
+
+
+def test_coords_round_trip_and_layout():
+    dims = ParallelDims(tensor=2, pipeline=2, data=2)
+    for rank in range(8):
+        assert dims.rank_of(*dims.coords(rank)) == rank
+    assert dims.coords(5) == (1, 0, 1)  # pipe 1, data 0, tensor 1: as DeepSpeed's ProcessCoord
+    assert dims.tensor_groups() == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert dims.data_groups() == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert dims.pipeline_groups() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert dims.model_groups() == [[0, 1, 4, 5], [2, 3, 6, 7]]
+
+
+@pytest.mark.parametrize("tp, pp, dp", [(1, 1, 4), (2, 1, 2), (4, 2, 1), (2, 2, 2), (1, 4, 2)])
+def test_matches_deepspeed_topology(tp, pp, dp):
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    topo = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+    dims = ParallelDims(tensor=tp, pipeline=pp, data=dp)
+    assert sorted(dims.tensor_groups()) == sorted(topo.get_axis_comm_lists("model")) or tp == 1
+    assert sorted(dims.data_groups()) == sorted(topo.get_axis_comm_lists("data")) or dp == 1
+    assert sorted(dims.pipeline_groups()) == sorted(topo.get_axis_comm_lists("pipe")) or pp == 1
+    for rank in range(dims.world_size):
+        c = topo.get_coord(rank)
+        assert dims.coords(rank) == (c.pipe, c.data, c.model)

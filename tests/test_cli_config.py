@@ -1,0 +1,48 @@
+import subprocess
+import sys
+
+import yaml
+
+
+def run(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "megalm.train", *args], capture_output=True, text=True, env=env
+    )
+
+
+def test_print_config_prints_resolved_yaml():
+    r = run("--config", "configs/tiny.yaml", "--print-config", "train.steps=7")
+    assert r.returncode == 0, r.stderr
+    cfg = yaml.safe_load(r.stdout)
+    assert cfg["train"]["steps"] == 7
+    assert cfg["train"]["grad_accum_steps"] == 1  # derived values are resolved
+
+
+def test_bad_config_is_one_line_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  hidden: 3\n")
+    for args in (["--config", str(bad)], ["--config", "nope.yaml"], ["--config", "configs/tiny.yaml", "zero.stage=9"]):
+        r = run(*args, "--print-config")
+        assert r.returncode == 2
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+        assert "Traceback" not in r.stderr
+
+
+def test_world_size_from_launcher_env():
+    import os
+
+    env = dict(os.environ, RANK="0", WORLD_SIZE="4", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
+    r = run("--config", "configs/tiny.yaml", "--print-config", "parallel.tensor=2", env=env)
+    assert r.returncode == 0, r.stderr
+    assert yaml.safe_load(r.stdout)["train"]["global_batch_size"] == 8  # micro 4 x dp 2
+
+
+def test_import_has_no_side_effects():
+    code = (
+        "import sys, megalm, megalm.config, megalm.parallel.launch_env, megalm.parallel.dims;"
+        "bad=[m for m in sys.modules if m.startswith(('deepspeed','torch'))];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

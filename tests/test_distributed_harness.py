@@ -1,0 +1,40 @@
+import pytest
+import torch
+import torch.distributed as dist
+
+from megalm.testing.distributed import DistributedTestError, run_distributed_test
+
+
+def _sum_ranks():
+    x = torch.tensor([dist.get_rank() + 1.0])
+    dist.all_reduce(x)
+    return x.item()
+
+
+def _fail_on_rank_1():
+    if dist.get_rank() == 1:
+        raise RuntimeError("boom from rank one")
+    return 0
+
+
+def _hang():
+    if dist.get_rank() == 0:
+        dist.barrier()  # rank 1 never joins
+    else:
+        import time
+
+        time.sleep(60)
+
+
+def test_returns_every_rank_value():
+    assert run_distributed_test(_sum_ranks, world_size=2) == [3.0, 3.0]
+
+
+def test_failing_rank_traceback_propagates():
+    with pytest.raises(DistributedTestError, match="(?s)rank 1 of 2 failed.*boom from rank one"):
+        run_distributed_test(_fail_on_rank_1, world_size=2)
+
+
+def test_timeout_kills_ranks():
+    with pytest.raises(TimeoutError, match="timed out"):
+        run_distributed_test(_hang, world_size=2, timeout=8)
