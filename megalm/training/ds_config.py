@@ -1,0 +1,49 @@
+"""The one place where megalm's typed config becomes DeepSpeed's JSON config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from megalm.config import Config
+
+# fp16 dynamic loss scaling: start at 2^16, halve on overflow, double after 1000 clean steps.
+FP16_LOSS_SCALING = {
+    "enabled": True,
+    "loss_scale": 0,
+    "initial_scale_power": 16,
+    "loss_scale_window": 1000,
+    "hysteresis": 2,
+    "min_loss_scale": 1,
+}
+
+
+def deepspeed_config(cfg: Config) -> dict[str, Any]:
+    """DeepSpeed config dict of a validated Config. The optimizer and scheduler are passed to
+    deepspeed.initialize as objects (no JIT-compiled ops on CPU), so they do not appear here."""
+    t, z = cfg.train, cfg.zero
+    ds: dict[str, Any] = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "gradient_clipping": cfg.optimizer.grad_clip,
+        "steps_per_print": 1 << 30,  # megalm logs itself
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # torch AdamW under ZeRO-Offload: no cpu_adam build
+        "zero_optimization": {
+            "stage": z.stage,
+            "reduce_bucket_size": z.reduce_bucket_size,
+            "allgather_bucket_size": z.reduce_bucket_size,
+            "overlap_comm": z.overlap_comm,
+            "contiguous_gradients": True,
+        },
+    }
+    if z.offload_optimizer:
+        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if t.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif t.precision == "fp16":
+        ds["fp16"] = dict(FP16_LOSS_SCALING)
+    if cfg.parallel.pipeline > 1:
+        ds["pipeline"] = {"activation_checkpoint_interval": 0}
+    return ds

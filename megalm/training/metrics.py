@@ -1,0 +1,130 @@
+"""Throughput, FLOPs and MFU, and the three sinks of every logged scalar: console, JSONL, TensorBoard.
+
+MFU = achieved model FLOP/s per device / the device's peak bf16 FLOP/s. Model FLOPs per token are
+counted twice: the PaLM convention (6N + 12 L d T, embeddings and head excluded) and the Megatron
+convention (also the LM head); megalm reports both (`mfu` is PaLM's, `mfu_megatron` Megatron's).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Dense bf16 tensor-core peaks, TFLOP/s per device (vendor datasheets, SXM parts).
+PEAK_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A800": 312.0}
+
+
+def device_peak_tflops(configured: float = 0.0) -> float:
+    """The configured peak if set, else the table's entry for this CUDA device, else 0 (unknown)."""
+    if configured > 0:
+        return configured
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name().upper()
+        for key, value in PEAK_BF16_TFLOPS.items():
+            if key in name:
+                return value
+    return 0.0
+
+
+@dataclass
+class Throughput:
+    """Tokens/s, TFLOP/s per device and MFU of one step, from its wall time."""
+
+    flops_per_token: float  # PaLM convention, forward + backward
+    flops_per_token_megatron: float
+    world_size: int
+    peak_tflops: float
+
+    def step_metrics(self, tokens: int, seconds: float) -> dict[str, float]:
+        tokens_per_s = tokens / max(seconds, 1e-9)
+        tflops = tokens_per_s * self.flops_per_token / self.world_size / 1e12
+        tflops_mt = tokens_per_s * self.flops_per_token_megatron / self.world_size / 1e12
+        out = {"tokens_per_s": tokens_per_s, "tflops": tflops, "tflops_megatron": tflops_mt}
+        if self.peak_tflops > 0:
+            out["mfu"] = tflops / self.peak_tflops
+            out["mfu_megatron"] = tflops_mt / self.peak_tflops
+        return out
+
+
+def memory_gib() -> float:
+    """Peak memory of this process: CUDA allocator peak, or the resident set on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+@dataclass
+class MetricsLogger:
+    """Writes metrics on rank 0 only; other ranks hold a logger that does nothing."""
+
+    run_dir: Path
+    enabled: bool
+    console: bool = True
+    tensorboard: bool = True
+    total_steps: int = 0
+    _writer: Any = field(default=None, init=False)
+    _jsonl: Any = field(default=None, init=False)
+    _start: float = field(default_factory=time.monotonic, init=False)
+
+    def __post_init__(self) -> None:
+        if not self.enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        if self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def log(self, step: int, scalars: dict[str, float], first_step: int = 0) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _finite_or_str(v) for k, v in scalars.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._writer is not None:
+            for key, value in scalars.items():
+                self._writer.add_scalar(f"train/{key}" if "val" not in key else f"eval/{key}", value, step)
+            self._writer.flush()
+        if self.console:
+            print(self._console_line(step, scalars, first_step), flush=True)
+
+    def _console_line(self, step: int, s: dict[str, float], first_step: int) -> str:
+        if "val_loss" in s:
+            return f"step {step:>6} | val_loss {s['val_loss']:.4f} | val_ppl {s['val_ppl']:.2f}"
+        parts = [f"step {step:>6}/{self.total_steps}", f"loss {s['loss']:.4f}", f"lr {s['lr']:.3e}",
+                 f"grad_norm {s.get('grad_norm', float('nan')):.3f}",
+                 f"tok/s {s.get('tokens_per_s', 0):,.0f}", f"TFLOP/s/dev {s.get('tflops', 0):.3f}"]
+        if "mfu" in s:
+            parts.append(f"MFU {100 * s['mfu']:.1f}%")
+        parts.append(f"mem {s.get('mem_gib', 0):.2f}GiB")
+        done = step - first_step
+        if done > 0:
+            eta = (time.monotonic() - self._start) / done * (self.total_steps - step)
+            parts.append(f"ETA {_hms(eta)}")
+        return " | ".join(parts)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _finite_or_str(value: float) -> float | str:
+    """JSON has no NaN/inf: write them as strings so the file stays valid JSON."""
+    value = float(value)
+    return value if math.isfinite(value) else str(value)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,76 @@
+"""AdamW with decay / no-decay parameter groups, and a guard that skips non-finite updates.
+
+Weight decay applies to matrices only: norms, biases (ndim < 2) and, unless
+`optimizer.decay_embeddings`, the token/position embeddings and the output head are not decayed
+(GPT-NeoX / Megatron practice).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megalm.config import OptimizerConfig
+
+EMBEDDING_NAME_PARTS = ("embed", "position", "head", "wte", "wpe")
+
+
+def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
+    """Split trainable parameters into a decayed and a non-decayed group (empty groups dropped)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_embedding = any(part in name.lower() for part in EMBEDDING_NAME_PARTS)
+        if p.ndim < 2 or (is_embedding and not cfg.decay_embeddings):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """torch AdamW that skips the whole update when any gradient on any rank is non-finite.
+
+    DeepSpeed's ZeRO and bf16 optimizers already skip such steps; the plain (ZeRO-0, fp32) path
+    hands gradients straight to this optimizer, so the check lives here. `overflow` is the
+    attribute DeepSpeed's engine reads to count a skipped step and hold the LR schedule.
+    """
+
+    def __init__(self, params: Iterable, group: dist.ProcessGroup | None = None, **kwargs) -> None:
+        super().__init__(params, **kwargs)
+        self.guard_group = group
+        self.overflow = False
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001 - torch's signature
+        bad = torch.zeros(1)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and not torch.isfinite(p.grad).all():
+                    bad.fill_(1.0)
+                    break
+        if dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.guard_group)
+        self.overflow = bool(bad.item())
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device_type: str) -> torch.optim.Optimizer:
+    """DeepSpeed's FusedAdam on CUDA; a guarded torch AdamW elsewhere (nothing JIT-compiled)."""
+    groups = param_groups(model, cfg)
+    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    if device_type == "cuda":
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(groups, adam_w_mode=True, **kwargs)
+    return GuardedAdamW(groups, **kwargs)
