@@ -46,3 +46,25 @@ def test_import_has_no_side_effects():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_preflight_checks_world_against_dims():
+    ok = subprocess.run([sys.executable, "-m", "megalm.preflight", "--config", "configs/tiny.yaml",
+                         "--world-size", "8", "parallel.tensor=2"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "world 8 = tensor 2 x pipeline 1 x data 4" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "megalm.preflight", "--config", "configs/tiny.yaml",
+                          "--world-size", "3", "parallel.tensor=2"], capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == ("error: world size 3 is not divisible by tensor x pipeline = 2 x 1 = 2; "
+                                  "launch a multiple of 2 processes or change parallel.tensor/pipeline")
+
+
+def test_rendezvous_timeout_is_one_clear_error():
+    import pytest
+
+    from megalm.errors import MegalmError
+    from megalm.parallel.groups import wait_for_rendezvous
+    from megalm.testing.distributed import free_port
+
+    with pytest.raises(MegalmError, match="cannot reach the rendezvous at 127.0.0.1"):
+        wait_for_rendezvous("127.0.0.1", free_port(), timeout_s=1.0)

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from megalm.errors import MegalmError
 from megalm.parallel.dims import ParallelDims
 from megalm.parallel.launch_env import LaunchEnv, discover
 
@@ -70,7 +73,14 @@ def init_distributed(
     if backend == "gloo" and launch.master_addr in ("127.0.0.1", "localhost"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # keep single-node traffic on loopback
     if backend == "nccl":
-        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+        if launch.local_rank >= torch.cuda.device_count():
+            raise MegalmError(
+                f"local rank {launch.local_rank} needs a GPU but this node sees {torch.cuda.device_count()};"
+                " start at most one process per visible GPU"
+            )
+        torch.cuda.set_device(launch.local_rank)
+    if launch.rank != 0:
+        wait_for_rendezvous(launch.master_addr, launch.master_port, timeout_minutes * 60)
     dist.init_process_group(
         backend=backend,
         init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
@@ -79,6 +89,22 @@ def init_distributed(
         timeout=datetime.timedelta(minutes=timeout_minutes),
     )
     return launch
+
+
+def wait_for_rendezvous(addr: str, port: int, timeout_s: float) -> None:
+    """Fail with one clear line, instead of hanging, when rank 0's rendezvous cannot be reached."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((addr, port), timeout=5):
+                return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise MegalmError(
+                    f"cannot reach the rendezvous at {addr}:{port} after {timeout_s:.0f}s ({e}); check that "
+                    "rank 0 started, that MASTER_ADDR resolves from this node and the port is open"
+                ) from None
+            time.sleep(0.5)
 
 
 def build_process_groups(dims: ParallelDims) -> ProcessGroups:

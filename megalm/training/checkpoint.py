@@ -88,23 +88,23 @@ def save_checkpoint(
         _write_metadata(ckpt, client_state["megalm"], tokenizer_files)
     dist.barrier()  # every rank's files are on disk before `latest` points at them
     if rank == 0:
-        _atomic_write_text(root / "latest", tag)
+        atomic_write_text(root / "latest", tag)
         _prune(root, keep_last, keep=tag)
     dist.barrier()
     return ckpt
 
 
 def _write_metadata(ckpt: Path, meta: dict[str, Any], tokenizer_files: list[str]) -> None:
-    _atomic_write_text(ckpt / "megalm.json", json.dumps(meta, indent=2, default=str))
+    atomic_write_text(ckpt / "megalm.json", json.dumps(meta, indent=2, default=str))
     if "config_yaml" in meta:
-        _atomic_write_text(ckpt / "config.yaml", meta["config_yaml"])
+        atomic_write_text(ckpt / "config.yaml", meta["config_yaml"])
     if tokenizer_files:
         (ckpt / "tokenizer").mkdir(exist_ok=True)
         for f in tokenizer_files:
             shutil.copy2(f, ckpt / "tokenizer" / Path(f).name)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
