@@ -25,6 +25,10 @@ from megalm.errors import MegalmError
 SEQ_DIM = 1
 """Sequence dimension of (batch, seq, hidden) activations."""
 
+# torch >= 2.13 renames the dim-0 collectives (the old names warn); older torch has only the old.
+_all_gather_dim0 = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_dim0 = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def group_size(group: dist.ProcessGroup | None) -> int:
     """Ranks in `group`; 1 for None (no tensor parallelism)."""
@@ -58,9 +62,9 @@ def _split(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
 
 def _all_gather(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
     world = group_size(group)
-    inp = x.movedim(dim, 0).contiguous()  # all_gather_into_tensor concatenates along dim 0
+    inp = x.movedim(dim, 0).contiguous()  # the collective concatenates along dim 0
     out = inp.new_empty((inp.size(0) * world, *inp.shape[1:]))
-    dist.all_gather_into_tensor(out, inp, group=group)
+    _all_gather_dim0(out, inp, group=group)
     return out.movedim(0, dim).contiguous()
 
 
@@ -73,7 +77,7 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torc
         )
     inp = x.movedim(dim, 0).contiguous()
     out = inp.new_empty((inp.size(0) // world, *inp.shape[1:]))
-    dist.reduce_scatter_tensor(out, inp, group=group)
+    _reduce_scatter_dim0(out, inp, group=group)
     return out.movedim(0, dim).contiguous()
 
 

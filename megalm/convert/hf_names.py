@@ -1,0 +1,75 @@
+"""Parameter names and layouts between megalm's GPT (tensor size 1) and Hugging Face's
+LlamaForCausalLM / GPT2LMHeadModel. Only the mapping; the checkpoint converter builds on it.
+
+Layout differences handled here:
+- megalm fuses Q, K, V by kv group: [q heads of group g, k_g, v_g] for g = 0..G-1 (see
+  megalm.model.layers.Attention); HF Llama has separate q/k/v_proj, GPT-2 one c_attn = [Q; K; V].
+- megalm fuses SwiGLU's gate and up as fc1 = [gate; up] (HF: gate_proj, up_proj).
+- GPT-2's Conv1D stores weights (in, out): transposed against torch.nn.Linear's (out, in).
+- megalm's embedding and head have V_pad >= V rows; the padding is zero and never exported.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megalm.config import ModelConfig
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """(H hd, ...), (G hd, ...), (G hd, ...) -> (G (H/G + 2) hd, ...) grouped by kv head."""
+    r, rest = num_heads // num_kv_heads, q.shape[1:]
+    q = q.reshape(num_kv_heads, r, -1, *rest)
+    k = k.reshape(num_kv_heads, 1, -1, *rest)
+    v = v.reshape(num_kv_heads, 1, -1, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+
+
+def split_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of fuse_qkv: (Q (H hd, ...), K (G hd, ...), V (G hd, ...))."""
+    r, rest = num_heads // num_kv_heads, qkv.shape[1:]
+    grouped = qkv.reshape(num_kv_heads, r + 2, -1, *rest)
+    q = grouped[:, :r].reshape(-1, *rest)
+    return q, grouped[:, r].reshape(-1, *rest), grouped[:, r + 1].reshape(-1, *rest)
+
+
+def _pad_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.cat([w, w.new_zeros(rows - w.size(0), *w.shape[1:])]) if rows > w.size(0) else w
+
+
+def llama_from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig, padded_vocab: int) -> dict[str, torch.Tensor]:
+    """HF LlamaForCausalLM state dict -> megalm GPT (tensor size 1) state dict."""
+    out = {"embedding.word.weight": _pad_rows(hf["model.embed_tokens.weight"], padded_vocab),
+           "final_norm.norm.weight": hf["model.norm.weight"]}
+    if not cfg.tie_embeddings:
+        out["head.linear.weight"] = _pad_rows(hf["lm_head.weight"], padded_vocab)
+    for i in range(cfg.num_layers):
+        h, m = f"model.layers.{i}.", f"blocks.{i}."
+        out[m + "norm1.weight"] = hf[h + "input_layernorm.weight"]
+        out[m + "norm2.weight"] = hf[h + "post_attention_layernorm.weight"]
+        out[m + "attn.qkv.weight"] = fuse_qkv(
+            *(hf[f"{h}self_attn.{x}_proj.weight"] for x in "qkv"), cfg.num_heads, cfg.num_kv_heads
+        )
+        out[m + "attn.proj.weight"] = hf[h + "self_attn.o_proj.weight"]
+        out[m + "mlp.fc1.weight"] = torch.cat([hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]])
+        out[m + "mlp.fc2.weight"] = hf[h + "mlp.down_proj.weight"]
+    return out
+
+
+def gpt2_from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig, padded_vocab: int) -> dict[str, torch.Tensor]:
+    """HF GPT2LMHeadModel state dict -> megalm GPT (tensor size 1) state dict (tied embeddings)."""
+    out = {"embedding.word.weight": _pad_rows(hf["transformer.wte.weight"], padded_vocab),
+           "embedding.position.weight": hf["transformer.wpe.weight"],
+           "final_norm.norm.weight": hf["transformer.ln_f.weight"],
+           "final_norm.norm.bias": hf["transformer.ln_f.bias"]}
+    n = cfg.num_heads
+    for i in range(cfg.num_layers):
+        h, m = f"transformer.h.{i}.", f"blocks.{i}."
+        for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
+            out[f"{m}{ours}.weight"], out[f"{m}{ours}.bias"] = hf[f"{h}{theirs}.weight"], hf[f"{h}{theirs}.bias"]
+        out[m + "attn.qkv.weight"] = fuse_qkv(*hf[h + "attn.c_attn.weight"].t().chunk(3, dim=0), n, n)
+        out[m + "attn.qkv.bias"] = fuse_qkv(*hf[h + "attn.c_attn.bias"].chunk(3, dim=0), n, n)
+        for ours, theirs in (("attn.proj", "attn.c_proj"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+            out[f"{m}{ours}.weight"] = hf[f"{h}{theirs}.weight"].t()
+            out[f"{m}{ours}.bias"] = hf[f"{h}{theirs}.bias"]
+    return out

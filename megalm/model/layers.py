@@ -1,0 +1,186 @@
+"""Transformer building blocks: norms, rotary embedding, KV cache, attention, MLP.
+
+Written to be exactly Hugging Face's LlamaForCausalLM (RMSNorm, rotate-half RoPE, SwiGLU, GQA,
+no biases) and GPT2LMHeadModel (LayerNorm, tanh-GELU, biases) so weights convert one to one.
+Attention and MLP are built from the tensor-parallel layers of megalm.parallel.layers; with
+`group=None` they are plain single-process layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from megalm.config import ModelConfig
+from megalm.errors import MegalmError
+from megalm.parallel.layers import ColumnParallelLinear, RowParallelLinear, mark_replicated
+from megalm.parallel.mappings import group_size
+from megalm.parallel.random import TensorParallelRNG, maybe_fork, normal_init
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back (as HF Llama)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def build_norm(cfg: ModelConfig, sequence_parallel: bool) -> nn.Module:
+    """RMSNorm (llama) or LayerNorm with bias (gpt2); parameters replicated on the tensor ranks."""
+    norm = RMSNorm(cfg.hidden_size, cfg.norm_eps) if cfg.arch == "llama" else nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+    mark_replicated(norm, sequence_parallel)
+    return norm
+
+
+def rope_cos_sin(
+    start_pos: int, seq_len: int, head_dim: int, theta: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (seq, head_dim) in fp32 for positions start_pos.. (HF's rotate-half layout:
+    frequency k at columns k and k + head_dim/2, inv_freq_k = theta^(-2k/head_dim))."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    positions = torch.arange(start_pos, start_pos + seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(positions, inv_freq)  # (seq, head_dim / 2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin; x (batch, seq, heads, head_dim), cos/sin (seq, head_dim)."""
+    cos = cos.to(x.dtype)[None, :, None, :]
+    sin = sin.to(x.dtype)[None, :, None, :]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Keys and values of one layer for generation: (batch, max_len, kv_heads_local, head_dim)."""
+
+    def __init__(
+        self, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
+        dtype: torch.dtype, device: torch.device | str,
+    ) -> None:
+        shape = (batch, max_len, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (batch, seq, kv_heads, head_dim) at start_pos; return all keys/values so far."""
+        end = start_pos + k.size(1)
+        if end > self.k.size(1):
+            raise MegalmError(f"KV cache holds {self.k.size(1)} positions, asked for {end}")
+        self.k[:, start_pos:end] = k
+        self.v[:, start_pos:end] = v
+        return self.k[:, :end], self.v[:, :end]
+
+
+def _local_heads(cfg: ModelConfig, group: dist.ProcessGroup | None) -> tuple[int, int]:
+    tp = group_size(group)
+    if cfg.num_heads % tp or cfg.num_kv_heads % tp:
+        raise MegalmError(
+            f"attention heads ({cfg.num_heads}) and kv heads ({cfg.num_kv_heads}) must divide by the "
+            f"tensor-parallel size ({tp}): use a tensor size that divides the kv heads, or more kv heads"
+        )
+    return cfg.num_heads // tp, cfg.num_kv_heads // tp
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads, sharded by kv group over the tensor ranks.
+
+    The fused QKV weight is laid out by kv group g = 0..G-1: [q heads of g (H/G of them), k_g, v_g],
+    each head_dim rows, so a contiguous split over p ranks (p | G) gives each rank whole groups.
+    Query head h uses kv head h // (H/G), as HF's repeat_kv.
+    """
+
+    def __init__(
+        self, cfg: ModelConfig, *, group: dist.ProcessGroup | None, sequence_parallel: bool,
+        generator: torch.Generator, rng: TensorParallelRNG | None,
+    ) -> None:
+        super().__init__()
+        self.cfg, self.rng = cfg, rng
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.heads, self.kv_heads = _local_heads(cfg, group)
+        bias = cfg.arch == "gpt2"
+        qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * self.head_dim
+        self.qkv = ColumnParallelLinear(
+            cfg.hidden_size, qkv_out, group=group, bias=bias, sequence_parallel=sequence_parallel,
+            init_method=normal_init(cfg.init_std, generator),
+        )
+        self.proj = RowParallelLinear(
+            cfg.num_heads * self.head_dim, cfg.hidden_size, group=group, bias=bias,
+            sequence_parallel=sequence_parallel,
+            init_method=normal_init(cfg.init_std / math.sqrt(2 * cfg.num_layers), generator),
+        )
+
+    def forward(self, x: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        qkv = self.qkv(x)  # (batch, seq, kv_local * (per_group + 2) * head_dim)
+        b, s, _ = qkv.shape
+        per_group = self.heads // self.kv_heads
+        qkv = qkv.view(b, s, self.kv_heads, per_group + 2, self.head_dim)
+        q = qkv[:, :, :, :per_group].reshape(b, s, self.heads, self.head_dim)  # (batch, seq, heads, head_dim)
+        k, v = qkv[:, :, :, per_group], qkv[:, :, :, per_group + 1]  # (batch, seq, kv_heads, head_dim)
+        if self.cfg.arch == "llama":
+            cos, sin = rope_cos_sin(start_pos, s, self.head_dim, self.cfg.rope_theta, x.device)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, start_pos)
+        out = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), start_pos)
+        return self.proj(out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """softmax(q k^T / sqrt(head_dim) + causal mask) v; q (batch, heads, seq, head_dim)."""
+        s, total = q.size(2), k.size(2)
+        mask, causal = None, start_pos == 0
+        if start_pos > 0 and s > 1:  # new queries at start_pos.. see keys up to their own position
+            rows = torch.arange(start_pos, start_pos + s, device=q.device)[:, None]
+            mask = torch.arange(total, device=q.device)[None, :] <= rows  # (seq, total)
+        p = self.cfg.dropout if self.training else 0.0
+        with maybe_fork(self.rng if p > 0 else None):  # heads differ per tensor rank
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal and s > 1,
+                enable_gqa=self.heads != self.kv_heads,
+            )
+
+
+class MLP(nn.Module):
+    """llama: W_2 (silu(X G) * (X U)) with [G, U] fused column-parallel (stride 2) and W_2
+    row-parallel. gpt2: W_2 gelu_tanh(X W_1 + b_1) + b_2."""
+
+    def __init__(
+        self, cfg: ModelConfig, *, group: dist.ProcessGroup | None, sequence_parallel: bool,
+        generator: torch.Generator,
+    ) -> None:
+        super().__init__()
+        self.gated = cfg.arch == "llama"
+        bias = not self.gated
+        width = cfg.ffn_hidden_size
+        self.fc1 = ColumnParallelLinear(
+            cfg.hidden_size, 2 * width if self.gated else width, group=group, bias=bias,
+            sequence_parallel=sequence_parallel, stride=2 if self.gated else 1,
+            init_method=normal_init(cfg.init_std, generator),
+        )
+        self.fc2 = RowParallelLinear(
+            width, cfg.hidden_size, group=group, bias=bias, sequence_parallel=sequence_parallel,
+            init_method=normal_init(cfg.init_std / math.sqrt(2 * cfg.num_layers), generator),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)  # (batch, seq, [2 *] ffn / p)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.fc2(h)
