@@ -1,0 +1,76 @@
+"""Parameter counts and training FLOPs per token, from the ModelConfig alone.
+
+Notation: d hidden, L layers, H query heads, G kv heads, h = d / H head dim, f MLP width,
+V the tokenizer's vocabulary (padding excluded), T sequence length.
+
+Two FLOP conventions (a multiply-add is 2 FLOPs; training = forward + backward = 3 x forward):
+
+- PaLM (Chowdhery et al. 2022, appendix B), used for MFU: 6 N + 12 L H h T, with N the
+  non-embedding parameters (token and position embeddings and the output head excluded).
+- Megatron (Narayanan et al. 2021): every matmul, including the LM head and attention scores:
+  3 x [2 (matmul weights of the blocks) + 4 L T H h + 2 d V]; with full activation recomputation
+  the forward runs twice: 4 x [...]. For GPT-2 shapes this is 72 L d^2 (1 + T/(6d) + V/(12 d L)).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from megalm.config import ModelConfig
+
+
+def _block_parameters(cfg: ModelConfig) -> tuple[int, int]:
+    """(matmul weights, everything) of one block."""
+    d, h = cfg.hidden_size, cfg.hidden_size // cfg.num_heads
+    qkv = d * (cfg.num_heads + 2 * cfg.num_kv_heads) * h
+    proj = cfg.num_heads * h * d
+    if cfg.arch == "llama":  # SwiGLU: gate, up, down; two RMSNorm weights; no biases
+        mlp = 3 * d * cfg.ffn_hidden_size
+        return qkv + proj + mlp, qkv + proj + mlp + 2 * d
+    mlp = 2 * d * cfg.ffn_hidden_size
+    biases = (cfg.num_heads + 2 * cfg.num_kv_heads) * h + d + cfg.ffn_hidden_size + d
+    return qkv + proj + mlp, qkv + proj + mlp + biases + 4 * d  # + two LayerNorms (weight, bias)
+
+
+def count_parameters(cfg: ModelConfig, *, embeddings: bool = True) -> int:
+    """Parameters of the model (vocabulary padding excluded). `embeddings=False` leaves out the
+    token embedding, gpt2's position embedding and an untied head (Kaplan's/PaLM's N)."""
+    d = cfg.hidden_size
+    final_norm = d if cfg.arch == "llama" else 2 * d
+    total = cfg.num_layers * _block_parameters(cfg)[1] + final_norm
+    if embeddings:
+        total += cfg.vocab_size * d
+        total += cfg.max_seq_len * d if cfg.arch == "gpt2" else 0
+        total += 0 if cfg.tie_embeddings else cfg.vocab_size * d
+    return total
+
+
+def count_module_parameters(model: nn.Module, *, embeddings: bool = True) -> int:
+    """Elements of a built model's parameters (shared ones once; this rank's shards only;
+    padding rows included). `embeddings=False` skips the `embedding.*` and `head.*` modules."""
+    seen: set[int] = set()
+    total = 0
+    for name, p in model.named_parameters():
+        if id(p) in seen or (not embeddings and name.split(".")[0] in ("embedding", "head")):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+def flops_per_token_palm(cfg: ModelConfig, seq_len: int) -> int:
+    """Training FLOPs per token, PaLM convention: 6 N + 12 L H h T (N without embeddings/head)."""
+    attention = 12 * cfg.num_layers * cfg.num_heads * (cfg.hidden_size // cfg.num_heads) * seq_len
+    return 6 * count_parameters(cfg, embeddings=False) + attention
+
+
+def flops_per_token_megatron(cfg: ModelConfig, seq_len: int, *, recompute: bool = False) -> int:
+    """Training FLOPs per token, Megatron convention: 3 (or 4 with full recomputation) x the
+    forward matmul FLOPs of the blocks, the attention scores and values, and the LM head."""
+    d, heads_dim = cfg.hidden_size, cfg.num_heads * (cfg.hidden_size // cfg.num_heads)
+    forward = (
+        2 * cfg.num_layers * _block_parameters(cfg)[0]
+        + 4 * cfg.num_layers * seq_len * heads_dim  # Q K^T and (softmax) V
+        + 2 * d * cfg.vocab_size  # LM head
+    )
+    return (4 if recompute else 3) * forward
