@@ -4,7 +4,6 @@ vocab; GQA) equals the unsharded model: init exactly, logits, loss and every gra
 Each rank builds the TP=1 reference (group None) with the same seed next to its shard, so one
 launch per world size checks many configurations."""
 
-import pytest
 import torch
 import torch.distributed as dist
 
@@ -128,7 +127,6 @@ def test_tensor_parallel_2_matches_unsharded():
     assert results[0]["tp1-real-group"]["logits"] == 0.0  # a one-rank group is the unsharded model
 
 
-@pytest.mark.slow
 def test_tensor_parallel_4_matches_unsharded():
     results = run_distributed_test(_run_cases, world_size=4, args=(CASES_TP4,))
     _assert_parity(results)
