@@ -59,7 +59,7 @@ def tokenizers(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     d = tmp_path_factory.mktemp("tok")
     out = {}
     for kind in ("bpe", "unigram", "bytelevel"):
-        train_tokenizer([str(corpus)], kind, 400, str(d / kind), character_coverage=0.9995)
+        train_tokenizer([str(corpus)], kind, 500, str(d / kind), character_coverage=0.9995)
         out[kind] = d / (kind + (".json" if kind == "bytelevel" else ".model"))
     return out
 
