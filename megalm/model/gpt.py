@@ -134,9 +134,9 @@ class Block(nn.Module):
         self.rng = rng
         self.residual_rng = _sp_rng(sequence_parallel, rng, cfg, group_size(tp_group))
         generator = init_generator(seed, f"block.{layer_number}")
-        self.norm1 = build_norm(cfg, sequence_parallel)
+        self.norm1 = build_norm(cfg, sequence_parallel, tp_group)
         self.attn = Attention(cfg, group=tp_group, sequence_parallel=sequence_parallel, generator=generator, rng=rng)
-        self.norm2 = build_norm(cfg, sequence_parallel)
+        self.norm2 = build_norm(cfg, sequence_parallel, tp_group)
         self.mlp = MLP(cfg, group=tp_group, sequence_parallel=sequence_parallel, generator=generator)
 
     def forward(self, x: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
@@ -172,9 +172,11 @@ class Block(nn.Module):
 class FinalNorm(nn.Module):
     """The norm after the last block: hidden -> hidden (per sequence shard under sequence parallel)."""
 
-    def __init__(self, cfg: ModelConfig, *, sequence_parallel: bool = False) -> None:
+    def __init__(
+        self, cfg: ModelConfig, *, tp_group: dist.ProcessGroup | None = None, sequence_parallel: bool = False
+    ) -> None:
         super().__init__()
-        self.norm = build_norm(cfg, sequence_parallel)
+        self.norm = build_norm(cfg, sequence_parallel, tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x)
@@ -230,7 +232,7 @@ class GPT(nn.Module):
         kw = dict(tp_group=tp_group, sequence_parallel=self.sequence_parallel, seed=seed)
         self.embedding = Embedding(cfg, rng=self.rng, **kw)
         self.blocks = nn.ModuleList(Block(cfg, i, rng=self.rng, **kw) for i in range(cfg.num_layers))
-        self.final_norm = FinalNorm(cfg, sequence_parallel=self.sequence_parallel)
+        self.final_norm = FinalNorm(cfg, tp_group=tp_group, sequence_parallel=self.sequence_parallel)
         self.head = None if cfg.tie_embeddings else Head(cfg, **kw)
         self.loss_fn = GPTLoss(cfg, tp_group)
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from megalm.config import ModelConfig
 from megalm.errors import MegalmError
-from megalm.parallel.layers import ColumnParallelLinear, RowParallelLinear, mark_replicated
+from megalm.parallel.layers import ColumnParallelLinear, RowParallelLinear, mark_replicated, sequence_parallel_param
 from megalm.parallel.mappings import group_size
 from megalm.parallel.random import TensorParallelRNG, maybe_fork, normal_init
 
@@ -25,22 +25,38 @@ from megalm.parallel.random import TensorParallelRNG, maybe_fork, normal_init
 class RMSNorm(nn.Module):
     """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back (as HF Llama)."""
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, group: dist.ProcessGroup | None = None, sequence_parallel: bool = False) -> None:
         super().__init__()
-        self.eps = eps
+        self.eps, self.group, self.sequence_parallel = eps, group, sequence_parallel
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return sequence_parallel_param(self.weight, self.group, self.sequence_parallel) * x.to(dtype)
 
 
-def build_norm(cfg: ModelConfig, sequence_parallel: bool) -> nn.Module:
-    """RMSNorm (llama) or LayerNorm with bias (gpt2); parameters replicated on the tensor ranks."""
-    norm = RMSNorm(cfg.hidden_size, cfg.norm_eps) if cfg.arch == "llama" else nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
-    mark_replicated(norm, sequence_parallel)
+class LayerNorm(nn.LayerNorm):
+    """torch's LayerNorm whose parameters, under sequence parallelism, get the full gradient."""
+
+    def __init__(self, dim: int, eps: float, group: dist.ProcessGroup | None = None, sequence_parallel: bool = False) -> None:
+        super().__init__(dim, eps=eps)
+        self.group, self.sequence_parallel = group, sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = sequence_parallel_param(self.weight, self.group, self.sequence_parallel)
+        b = sequence_parallel_param(self.bias, self.group, self.sequence_parallel)
+        return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+
+
+def build_norm(cfg: ModelConfig, sequence_parallel: bool, group: dist.ProcessGroup | None = None) -> nn.Module:
+    """RMSNorm (llama) or LayerNorm with bias (gpt2); parameters replicated on the tensor ranks.
+    Under sequence parallelism their gradients are summed over `group` inside autograd."""
+    sp = sequence_parallel and group_size(group) > 1
+    cls = RMSNorm if cfg.arch == "llama" else LayerNorm
+    norm = cls(cfg.hidden_size, cfg.norm_eps, group=group, sequence_parallel=sp)
+    mark_replicated(norm, sp)
     return norm
 
 

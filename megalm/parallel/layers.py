@@ -6,7 +6,9 @@ parallelism. Sharded parameters carry `tensor_model_parallel = True`, `partition
 `partition_stride` (DeepSpeed reads `tensor_model_parallel` to count replicated parameters once
 in the global gradient norm; resharding reads the other two). Replicated parameters carry
 `tensor_model_parallel = False`; those that see only a sequence shard under sequence
-parallelism also carry `sequence_parallel = True` and need `allreduce_sequence_parallel_grads`.
+parallelism also carry `sequence_parallel = True` and are used through
+`sequence_parallel_param`, whose backward all-reduces their gradient over the tensor group, so
+the gradient is complete when backward returns (under ZeRO 2/3 hooks and the pipeline engine too).
 """
 
 from __future__ import annotations
@@ -199,7 +201,7 @@ class RowParallelLinear(nn.Module):
             y = reduce_scatter_to_sequence_region(y, self.group)  # (batch, seq / p, out)
         else:
             y = reduce_from_tensor_region(y, self.group)
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None else y + sequence_parallel_param(self.bias, self.group, self.sequence_parallel)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -236,23 +238,14 @@ class VocabParallelEmbedding(nn.Module):
 # ----------------------------------------------------------------------------- sequence parallel
 
 
-def allreduce_sequence_parallel_grads(model: nn.Module, group: dist.ProcessGroup | None) -> None:
-    """Sum over the tensor group the gradients of parameters marked `sequence_parallel`.
+def sequence_parallel_param(
+    param: torch.Tensor, group: dist.ProcessGroup | None, sequence_parallel: bool
+) -> torch.Tensor:
+    """A replicated parameter applied to this rank's sequence shard.
 
-    Under sequence parallelism a norm weight or a row-parallel bias sees only this rank's
-    sequence shard, so its gradient is partial; the true gradient is the sum over tensor ranks.
-    Call after backward and before the optimizer step (and before gradient clipping). One
-    coalesced all-reduce; a no-op without tensor parallelism or without such gradients.
+    Each tensor rank's gradient covers only its shard of the sequence; the true gradient is the
+    sum over the tensor ranks. Passing the parameter through the region "forward: copy, backward:
+    all-reduce" performs that sum inside autograd, before any gradient hook (ZeRO's reduction)
+    or optimizer step sees it.
     """
-    if group_size(group) == 1:
-        return
-    grads = [
-        p.grad for p in model.parameters()
-        if getattr(p, "sequence_parallel", False) and p.grad is not None
-    ]
-    if not grads:
-        return
-    flat = torch._utils._flatten_dense_tensors(grads)
-    dist.all_reduce(flat, group=group)
-    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
-        g.copy_(synced)
+    return copy_to_tensor_region(param, group) if sequence_parallel else param

@@ -11,6 +11,7 @@ traceback; a hang raises TimeoutError after `timeout` seconds and kills every ra
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import socket
 import time
@@ -50,7 +51,9 @@ def _worker(
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         value = fn(*args)
-        results.put((rank, "ok", value))
+        # plain pickle bytes: torch's queue pickler would share tensors through file descriptors
+        # that vanish when this process exits
+        results.put((rank, "ok", pickle.dumps(value)))
     except BaseException:  # noqa: BLE001 - every failure goes back to the parent
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -87,7 +90,7 @@ def run_distributed_test(
                 continue
             if status == "error":
                 raise DistributedTestError(f"rank {rank} of {world_size} failed:\n{value}")
-            values[rank] = value
+            values[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=5 if len(values) == world_size else 0.1)
