@@ -189,6 +189,9 @@ class LoggingConfig:
     peak_tflops: float = 0.0
     """Per-device peak bf16 TFLOP/s for MFU. 0: from the device table (A100, H100, H200); on CPU
     MFU is reported only when this is set."""
+    sample_ids: bool = False
+    """Append the global sample ids each data-parallel rank trains on to
+    RUN_DIR/sample_ids/rank{R}.jsonl (a data-order audit; used by the resume tests)."""
 
 
 SECTIONS: dict[str, type] = {

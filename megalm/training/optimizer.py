@@ -15,17 +15,26 @@ from torch import nn
 
 from megalm.config import OptimizerConfig
 
-EMBEDDING_NAME_PARTS = ("embed", "position", "head", "wte", "wpe")
+def embedding_parameters(model: nn.Module) -> set[int]:
+    """ids of the token/position embeddings and the output head, found by module type (parameter
+    names differ between the plain model and a PipelineModule)."""
+    from megalm.model.gpt import Embedding, Head
+
+    found: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, (Embedding, Head, nn.Embedding)):
+            found.update(id(p) for p in module.parameters())
+    return found
 
 
 def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
     """Split trainable parameters into a decayed and a non-decayed group (empty groups dropped)."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    embeddings = embedding_parameters(model)
+    for p in model.parameters():
         if not p.requires_grad:
             continue
-        is_embedding = any(part in name.lower() for part in EMBEDDING_NAME_PARTS)
-        if p.ndim < 2 or (is_embedding and not cfg.decay_embeddings):
+        if p.ndim < 2 or (id(p) in embeddings and not cfg.decay_embeddings):
             no_decay.append(p)
         else:
             decay.append(p)

@@ -1,0 +1,111 @@
+"""The trainer's view of the data: tokenizer, train/valid datasets and resumable batch iterators.
+
+Batches are keyed by the global consumed-sample count: the optimizer step that starts at
+consumed = K trains on global samples [K, K + global_batch), whatever the data-parallel size, so a
+resumed (or re-laid-out) run continues the stream with nothing repeated or skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megalm.config import Config
+from megalm.errors import MegalmError
+from megalm.parallel.groups import ProcessGroups
+
+
+class _RecordingSampler:
+    """Passes a batch sampler through and remembers what it yielded (for the sample-id audit)."""
+
+    def __init__(self, sampler: Any) -> None:
+        self.sampler, self.yielded = sampler, deque()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for ids in self.sampler:
+            self.yielded.append(list(ids))
+            yield ids
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+@dataclass
+class TrainData:
+    cfg: Config
+    groups: ProcessGroups
+    tokenizer: Any
+    train: Any
+    valid: Any
+
+    @classmethod
+    def build(cls, cfg: Config, groups: ProcessGroups) -> TrainData:
+        from megalm.data.builder import build_datasets
+        from megalm.data.tokenizer import build_tokenizer
+
+        d, t = cfg.data, cfg.train
+        if not d.train_prefixes:
+            raise MegalmError("data.train_prefixes is empty: give the shard prefixes written by "
+                              "tools/preprocess_data.py (data.train_prefixes=[PREFIX])")
+        tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model)
+        if tokenizer.vocab_size > cfg.model.vocab_size:
+            raise MegalmError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
+                              f"{cfg.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size}")
+        num_samples = (t.steps * t.global_batch_size, t.eval_steps * t.global_batch_size, 0)
+        # rank 0 builds and caches the sample indices; the others then memory-map the cache
+        datasets = None
+        for turn in (0, 1):
+            if (dist.get_rank() == 0) == (turn == 0):
+                datasets = build_datasets(d, tokenizer, t.seed, num_samples)
+            dist.barrier()
+        train, valid, _ = datasets
+        return cls(cfg, groups, tokenizer, train, valid)
+
+    def _batches(self, dataset: Any, consumed: int, record: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from megalm.data.sampler import MegatronPretrainingSampler, collate
+
+        if dataset is None or len(dataset) == 0:
+            raise MegalmError("the validation split is empty: give it documents (data.split) or set "
+                              "train.eval_interval=0")
+        sampler = MegatronPretrainingSampler(
+            total_samples=len(dataset), consumed_samples=consumed,
+            micro_batch_size=self.cfg.train.micro_batch_size,
+            data_rank=self.groups.data_rank, data_size=self.groups.dims.data,
+        )
+        recorder = _RecordingSampler(sampler) if record else None
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=recorder or sampler, collate_fn=collate,
+            num_workers=self.cfg.data.num_workers, persistent_workers=False,
+            prefetch_factor=4 if self.cfg.data.num_workers else None,
+        )
+        for batch in loader:
+            if recorder is not None:
+                self._record(recorder.yielded.popleft())
+            yield batch
+
+    def train_batches(self, consumed_samples: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self._batches(self.train, consumed_samples, record=self.cfg.logging.sample_ids)
+
+    def valid_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self._batches(self.valid, 0, record=False)
+
+    def _record(self, ids: list[int]) -> None:
+        if self.groups.tensor_rank != 0 or self.groups.pipeline_rank != 0:
+            return
+        out = Path(self.cfg.train.run_dir) / "sample_ids"
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / f"rank{dist.get_rank()}.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps([int(i) for i in ids]) + "\n")
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        return self.tokenizer.describe()
+
+    def tokenizer_files(self) -> list[str]:
+        return self.tokenizer.files()

@@ -1,0 +1,90 @@
+"""Build the DeepSpeed engine: runtime set-up, model (plain or pipeline), optimizer, schedule.
+
+On CPU nothing is JIT-compiled: the shared-memory all-reduce op is switched off, the optimizer is a
+torch AdamW passed as an object (DeepSpeed would otherwise build FusedAdam / cpu_adam).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from megalm.config import Config
+from megalm.parallel.groups import DeepSpeedMPU, ProcessGroups
+from megalm.training.ds_config import deepspeed_config
+from megalm.training.optimizer import build_optimizer
+from megalm.training.schedule import build_scheduler
+
+
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def init_deepspeed_runtime(timeout_minutes: float) -> None:
+    """Hand our already-initialised torch.distributed group to deepspeed.comm (no MPI discovery)."""
+    import datetime
+
+    import deepspeed
+    import deepspeed.ops
+
+    # deepspeed_shm_comm is only an inference all-reduce; building it costs ~90 s on CPU.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(
+        dist_backend=torch.distributed.get_backend(),
+        auto_mpi_discovery=False,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
+
+
+@dataclass
+class Engine:
+    """The DeepSpeed engine with what the loop needs beside it."""
+
+    ds: Any  # deepspeed.DeepSpeedEngine or deepspeed.pipe.PipelineEngine
+    pipeline: bool
+    module: nn.Module
+
+
+def build_model(cfg: Config, groups: ProcessGroups) -> nn.Module:
+    """The model this rank holds: the whole GPT, or its pipeline stage as a PipelineModule."""
+    if cfg.parallel.pipeline > 1:
+        from megalm.parallel.pipeline import build_pipeline_module
+
+        return build_pipeline_module(cfg, groups)
+    from megalm.model.gpt import GPT
+
+    tp_group = groups.tensor if groups.dims.tensor > 1 else None
+    return GPT(cfg.model, tp_group, sequence_parallel=cfg.parallel.sequence_parallel, seed=cfg.train.seed)
+
+
+def build_engine(cfg: Config, groups: ProcessGroups) -> Engine:
+    import deepspeed
+
+    model = build_model(cfg, groups)
+    optimizer = build_optimizer(model, cfg.optimizer, device_type())
+    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.optimizer, cfg.train.steps)
+    pipeline = cfg.parallel.pipeline > 1
+    ds, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg),
+        mpu=None if pipeline else DeepSpeedMPU(groups),  # a PipelineModule brings its own grid
+        dist_init_required=False,
+    )
+    _record_fp32_grad_norm(ds)
+    return Engine(ds=ds, pipeline=pipeline, module=model)
+
+
+def _record_fp32_grad_norm(ds: Any) -> None:
+    """DeepSpeed's plain fp32 path (ZeRO-0) clips but throws the norm away: keep it for logging."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_and_record() -> None:
+        norm = clip_grad_norm_(ds.module.parameters(), max_norm=ds.gradient_clipping(), mpu=ds.mpu)
+        ds._global_grad_norm = float(norm)
+
+    ds.clip_fp32_gradients = clip_and_record

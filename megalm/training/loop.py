@@ -1,0 +1,231 @@
+"""The training loop: set up, resume, step, evaluate, log, checkpoint, stop cleanly on preemption."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megalm.config import Config
+from megalm.errors import MegalmError
+from megalm.parallel.dims import ParallelDims
+from megalm.parallel.groups import ProcessGroups, build_process_groups, init_distributed
+from megalm.training import checkpoint as ckpt
+from megalm.training.engine import Engine, build_engine, device_type, init_deepspeed_runtime
+from megalm.training.metrics import MetricsLogger, Throughput, device_peak_tflops, memory_gib
+from megalm.training.signals import PreemptionFlag
+
+
+@dataclass
+class Run:
+    """Everything built once at start-up."""
+
+    cfg: Config
+    groups: ProcessGroups
+    engine: Engine
+    data: object  # megalm.training.data.TrainData
+    logger: MetricsLogger
+    throughput: Throughput
+    device: torch.device
+
+
+def setup(cfg: Config) -> Run:
+    launch = init_distributed(timeout_minutes=cfg.parallel.init_timeout_minutes)
+    cfg.validate(launch.world_size)
+    dims = ParallelDims.from_world(launch.world_size, tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline)
+    groups = build_process_groups(dims)
+    init_deepspeed_runtime(cfg.parallel.init_timeout_minutes)
+    torch.manual_seed(cfg.train.seed)
+
+    from megalm.training.data import TrainData
+
+    data = TrainData.build(cfg, groups)
+    engine = build_engine(cfg, groups)
+    run_dir = Path(cfg.train.run_dir)
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    logger = MetricsLogger(run_dir, enabled=rank0, console=cfg.logging.console,
+                           tensorboard=cfg.logging.tensorboard, total_steps=cfg.train.steps)
+    from megalm.model.flops import flops_per_token_megatron, flops_per_token_palm
+
+    throughput = Throughput(
+        flops_per_token=flops_per_token_palm(cfg.model, cfg.data.seq_len),
+        flops_per_token_megatron=flops_per_token_megatron(
+            cfg.model, cfg.data.seq_len, recompute=cfg.model.activation_checkpointing),
+        world_size=dims.world_size,
+        peak_tflops=device_peak_tflops(cfg.logging.peak_tflops),
+    )
+    device = torch.device("cuda", torch.cuda.current_device()) if device_type() == "cuda" else torch.device("cpu")
+    return Run(cfg, groups, engine, data, logger, throughput, device)
+
+
+def train(cfg: Config) -> ckpt.TrainState:
+    """Train `cfg.train.steps` optimizer steps (resuming if a checkpoint says so); return the end state."""
+    run = setup(cfg)
+    state = _resume(run)
+    preempt = PreemptionFlag().install()
+    batches = run.data.train_batches(state.consumed_samples)
+    nonfinite_in_a_row = 0
+    try:
+        while state.step < cfg.train.steps:
+            t0 = time.perf_counter()
+            lr = run.engine.ds.get_lr()[0]  # the rate this step uses (the scheduler steps after it)
+            loss, wait = train_step(run, batches)
+            state = replace(state, step=state.step + 1,
+                            consumed_samples=state.consumed_samples + cfg.train.global_batch_size)
+            if not math.isfinite(loss):
+                nonfinite_in_a_row += 1
+                state = replace(state, skipped_steps=state.skipped_steps + 1)
+                if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                    raise MegalmError(
+                        f"loss was not finite for {nonfinite_in_a_row} steps in a row (step {state.step}); "
+                        "lower optimizer.lr, use bf16 instead of fp16, or check the data"
+                    )
+            else:
+                nonfinite_in_a_row = 0
+            _log_step(run, state, loss, lr, time.perf_counter() - t0, wait)
+            if cfg.train.eval_interval and state.step % cfg.train.eval_interval == 0:
+                evaluate(run, state.step)
+            stop = preempt.should_stop(run.device)
+            interval = cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0
+            if stop or interval:
+                save(run, state)
+            if stop:
+                _write_status(run, state, "preempted")
+                return state
+        if cfg.checkpoint.save_at_end and not (
+            cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0
+        ):
+            save(run, state)
+        _write_status(run, state, "completed")
+        return state
+    finally:
+        preempt.uninstall()
+        run.logger.close()
+
+
+def train_step(run: Run, batches: Iterator) -> tuple[float, float]:
+    """One optimizer step over a global batch; return (mean loss over the global batch, data wait s)."""
+    engine = run.engine
+    if engine.pipeline:
+        timed = _TimedIterator(batches)
+        loss = engine.ds.train_batch(data_iter=timed)
+        return float(loss), timed.wait
+    losses, wait = [], 0.0
+    for _ in range(run.cfg.train.grad_accum_steps):
+        t0 = time.perf_counter()
+        tokens, labels = next(batches)
+        wait += time.perf_counter() - t0
+        loss = engine.ds(tokens.to(run.device), labels.to(run.device))
+        engine.ds.backward(loss)
+        engine.ds.step()
+        losses.append(loss.detach().float())
+    mean = torch.stack(losses).mean()
+    dist.all_reduce(mean, group=run.groups.data)  # every TP rank already holds the same loss
+    return mean.item() / run.groups.dims.data, wait
+
+
+class _TimedIterator:
+    """Wraps the batch iterator handed to DeepSpeed's pipeline engine to measure data waiting."""
+
+    def __init__(self, it: Iterator) -> None:
+        self.it, self.wait = it, 0.0
+
+    def __iter__(self) -> _TimedIterator:
+        return self
+
+    def __next__(self):  # noqa: ANN204
+        t0 = time.perf_counter()
+        item = next(self.it)
+        self.wait += time.perf_counter() - t0
+        return item
+
+
+@torch.no_grad()
+def evaluate(run: Run, step: int) -> float:
+    """Mean validation loss over `train.eval_steps` global batches (the same batches every time)."""
+    cfg, engine = run.cfg, run.engine
+    batches = run.data.valid_batches()
+    engine.ds.eval()
+    losses = []
+    for _ in range(cfg.train.eval_steps):
+        if engine.pipeline:
+            losses.append(float(engine.ds.eval_batch(data_iter=batches)))
+            continue
+        for _ in range(cfg.train.grad_accum_steps):
+            tokens, labels = next(batches)
+            losses.append(float(engine.ds(tokens.to(run.device), labels.to(run.device))))
+    engine.ds.train()
+    mean = torch.tensor([sum(losses) / len(losses)], dtype=torch.float64, device=run.device)
+    if not engine.pipeline:
+        dist.all_reduce(mean, group=run.groups.data)
+        mean /= run.groups.dims.data
+    val_loss = mean.item()
+    run.logger.log(step, {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
+    return val_loss
+
+
+def _log_step(run: Run, state: ckpt.TrainState, loss: float, lr: float, seconds: float, wait: float) -> None:
+    cfg = run.cfg
+    if state.step % cfg.train.log_interval and state.step != cfg.train.steps:
+        return
+    norm = run.engine.ds.get_global_grad_norm()
+    scalars = {
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": float(norm) if norm is not None else float("nan"),
+        **run.throughput.step_metrics(cfg.train.global_batch_size * cfg.data.seq_len, seconds),
+        "step_time_s": seconds,
+        "data_wait_s": wait,
+        "mem_gib": memory_gib(),
+        "consumed_samples": state.consumed_samples,
+        "skipped_steps": state.skipped_steps,
+    }
+    run.logger.log(state.step, scalars)
+
+
+def save(run: Run, state: ckpt.TrainState) -> None:
+    cfg = run.cfg
+    dims = run.groups.dims
+    metadata = {
+        "megalm_version": _version(),
+        "config_yaml": cfg.to_yaml(),
+        "parallel": {"tensor": dims.tensor, "pipeline": dims.pipeline, "data": dims.data},
+        "world_size": dims.world_size,
+        "tokenizer": run.data.tokenizer_info(),
+    }
+    ckpt.save_checkpoint(run.engine.ds, Path(cfg.train.run_dir) / "checkpoints", state, metadata,
+                         run.data.tokenizer_files(), cfg.checkpoint.keep_last)
+
+
+def _resume(run: Run) -> ckpt.TrainState:
+    cfg = run.cfg
+    target = ckpt.resolve_load(cfg.checkpoint.load, Path(cfg.train.run_dir) / "checkpoints")
+    if target is None:
+        return ckpt.TrainState()
+    state = ckpt.load_checkpoint(run.engine.ds, *target)
+    if dist.get_rank() == 0 and cfg.logging.console:
+        print(f"resumed from {target[0] / target[1]}: step {state.step}, "
+              f"{state.consumed_samples} samples consumed", flush=True)
+    return state
+
+
+def _write_status(run: Run, state: ckpt.TrainState, kind: str) -> None:
+    """RUN_DIR/status.json tells a job script whether training completed or stopped for preemption."""
+    if dist.get_rank() == 0:
+        status = {"state": kind, "step": state.step, "consumed_samples": state.consumed_samples}
+        ckpt.atomic_write_text(Path(run.cfg.train.run_dir) / "status.json", json.dumps(status))
+
+
+def _version() -> str:
+    from megalm import __version__
+
+    return __version__
