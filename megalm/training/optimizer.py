@@ -15,6 +15,7 @@ from torch import nn
 
 from megalm.config import OptimizerConfig
 
+
 def embedding_parameters(model: nn.Module) -> set[int]:
     """ids of the token/position embeddings and the output head, found by module type (parameter
     names differ between the plain model and a PipelineModule)."""
