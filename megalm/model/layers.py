@@ -17,7 +17,12 @@ from torch import nn
 
 from megalm.config import ModelConfig
 from megalm.errors import MegalmError
-from megalm.parallel.layers import ColumnParallelLinear, RowParallelLinear, mark_replicated, sequence_parallel_param
+from megalm.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    mark_replicated,
+    sequence_parallel_param,
+)
 from megalm.parallel.mappings import group_size
 from megalm.parallel.random import TensorParallelRNG, maybe_fork, normal_init
 
