@@ -167,6 +167,21 @@ def _read_index(path: Path) -> tuple[type[np.number], np.ndarray, np.ndarray, np
     return DTYPE_CODES[code], lengths, pointers, docs
 
 
+def write_index(path: str | os.PathLike, dtype: np.dtype, lengths: np.ndarray, doc_indices: np.ndarray) -> None:
+    """Write an .idx for sequences of `lengths` stored back to back in the .bin (pointers derived)."""
+    dtype = np.dtype(dtype)
+    pointers = np.zeros(len(lengths), dtype="<i8")
+    np.cumsum(lengths[:-1].astype(np.int64) * dtype.itemsize, out=pointers[1:])
+    with open(path, "wb") as f:
+        f.write(MAGIC + struct.pack("<Q", VERSION) + bytes([CODE_OF_DTYPE[dtype]]))
+        f.write(struct.pack("<QQ", len(lengths), len(doc_indices)))
+        f.write(np.asarray(lengths).astype("<i4").tobytes())
+        f.write(pointers.tobytes())
+        f.write(np.asarray(doc_indices).astype("<i8").tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+
+
 class IndexedDatasetWriter:
     """Write PREFIX.bin/.idx under temporary names; `finish()` renames them into place, .idx last.
 
@@ -236,16 +251,7 @@ class IndexedDatasetWriter:
         lengths = np.frombuffer(self._lengths, dtype=np.int64)
         if len(lengths) and lengths.max() > np.iinfo(np.int32).max:
             raise MegalmError(f"{self.prefix}: a sequence longer than 2^31 tokens cannot be indexed")
-        pointers = np.zeros(len(lengths), dtype="<i8")
-        np.cumsum(lengths[:-1] * self.dtype.itemsize, out=pointers[1:])
-        with open(self._idx_tmp, "wb") as f:
-            f.write(MAGIC + struct.pack("<Q", VERSION) + bytes([CODE_OF_DTYPE[self.dtype]]))
-            f.write(struct.pack("<QQ", len(lengths), len(self._docs)))
-            f.write(lengths.astype("<i4").tobytes())
-            f.write(pointers.tobytes())
-            f.write(np.frombuffer(self._docs, dtype=np.int64).astype("<i8").tobytes())
-            f.flush()
-            os.fsync(f.fileno())
+        write_index(self._idx_tmp, self.dtype, lengths, np.frombuffer(self._docs, dtype=np.int64))
         self.idx_path.unlink(missing_ok=True)
         os.replace(self._bin_tmp, self.bin_path)
         os.replace(self._idx_tmp, self.idx_path)

@@ -19,6 +19,7 @@ import multiprocessing as mp
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -111,25 +112,36 @@ def encode_chunk(chunk: Chunk) -> EncodedChunk:
     return EncodedChunk(flat.astype(st.dtype).tobytes(), lengths[keep], empty, bad)
 
 
-def ordered_map(
-    fn: Callable[[Any], Any], items: Iterable[Any], workers: int, initializer: Callable, initargs: tuple
-) -> Iterator[Any]:
-    """map(fn, items) over `workers` processes, results in input order, at most 2*workers in flight.
+@contextmanager
+def worker_pool(workers: int, initializer: Callable, initargs: tuple) -> Iterator[Any]:
+    """A pool of `workers` forked processes, or None (work in this process) for workers <= 1.
 
-    (Pool.imap would read the whole input ahead into its task queue; this keeps memory bounded.)
+    fork, not spawn: spawn re-imports the caller's __main__, which fails from stdin or a notebook.
+    The pool is made before any thread (tqdm's monitor) starts, so forking is safe.
     """
     if workers <= 1:
         initializer(*initargs)
+        yield None
+        return
+    with mp.get_context("fork").Pool(workers, initializer, initargs) as pool:
+        yield pool
+
+
+def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], pool: Any, workers: int) -> Iterator[Any]:
+    """map(fn, items) over the pool, results in input order, at most 2*workers chunks in flight.
+
+    (Pool.imap would read the whole input ahead into its task queue; this keeps memory bounded.)
+    """
+    if pool is None:
         yield from map(fn, items)
         return
-    with mp.get_context("spawn").Pool(workers, initializer, initargs) as pool:
-        pending: deque = deque()
-        for item in items:
-            pending.append(pool.apply_async(fn, (item,)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
-        while pending:
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.apply_async(fn, (item,)))
+        if len(pending) >= 2 * workers:
             yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 def shard_prefixes(prefix: str, num_shards: int) -> list[str]:
@@ -178,9 +190,8 @@ def preprocess(
     try:
         writers.extend(IndexedDatasetWriter(p, dtype) for p in prefixes)
         initargs = (tokenizer_type, tokenizer_model, append_eod, skip_bad_records)
-        results = ordered_map(encode_chunk, iter_chunks(sources, json_key), workers, _init_worker, initargs)
-        with _progress(progress) as bar:
-            for enc in results:
+        with worker_pool(workers, _init_worker, initargs) as pool, _progress(progress) as bar:
+            for enc in ordered_map(encode_chunk, iter_chunks(sources, json_key), pool, workers):
                 if enc.error:
                     raise MegalmError(enc.error)
                 _write_chunk(enc, writers, counts)

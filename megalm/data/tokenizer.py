@@ -111,7 +111,7 @@ class SentencePieceTokenizer(Tokenizer):
         return self.sp.encode(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts)
+        return self.sp.encode(texts, num_threads=1)  # one core per worker process; workers scale out
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode([int(i) for i in ids])

@@ -177,3 +177,25 @@ def test_dataloader_yields_shifted_int64_batches(tmp_path: Path) -> None:
     want = np.stack([g[i] for i in range(12, 16)])
     np.testing.assert_array_equal(tokens.numpy(), want[:, :-1])
     np.testing.assert_array_equal(labels.numpy(), want[:, 1:])
+
+
+def _build_in_child(prefix: str, cache: str, q: object) -> None:
+    g = GPTDataset(IndexedDataset(prefix), np.arange(300), 8, 2000, 5, cache, "train")
+    q.put(np.asarray(g.shuffle_index[:50]).tolist() + [g[3].tolist()])
+
+
+def test_concurrent_ranks_build_the_cache_once(tmp_path: Path) -> None:
+    import multiprocessing as mp
+
+    make_shard(tmp_path / "s", 300)
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_build_in_child, args=(str(tmp_path / "s"), str(tmp_path / "c"), q)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert results[0] == results[1]
+    assert len(list((tmp_path / "c").glob("*.npy"))) == 3 and not list((tmp_path / "c").glob("*.partial"))
