@@ -81,17 +81,16 @@ def train(cfg: Config) -> ckpt.TrainState:
             loss, wait = train_step(run, batches)
             state = replace(state, step=state.step + 1,
                             consumed_samples=state.consumed_samples + cfg.train.global_batch_size)
-            if not math.isfinite(loss):
-                nonfinite_in_a_row += 1
+            finite = math.isfinite(loss)  # a non-finite step was skipped by the optimizer
+            nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
+            if not finite:
                 state = replace(state, skipped_steps=state.skipped_steps + 1)
-                if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
-                    raise MegalmError(
-                        f"loss was not finite for {nonfinite_in_a_row} steps in a row (step {state.step}); "
-                        "lower optimizer.lr, use bf16 instead of fp16, or check the data"
-                    )
-            else:
-                nonfinite_in_a_row = 0
             _log_step(run, state, loss, lr, time.perf_counter() - t0, wait)
+            if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                raise MegalmError(
+                    f"loss was not finite for {nonfinite_in_a_row} steps in a row (step {state.step}); "
+                    "lower optimizer.lr, use bf16 instead of fp16, or check the data"
+                )
             if cfg.train.eval_interval and state.step % cfg.train.eval_interval == 0:
                 evaluate(run, state.step)
             stop = preempt.should_stop(run.device)
