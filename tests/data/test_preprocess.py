@@ -151,6 +151,20 @@ def test_user_errors_are_one_line_exit_2(tmp_path: Path) -> None:
     one_line_error(preprocess(good, out / "p", tok=("sentencepiece", str(tmp_path / "x.model"))), out, "x.model")
     (tmp_path / "f.csv").write_text("a,b\n")
     one_line_error(preprocess(tmp_path / "f.csv", out / "p"), out, "unsupported input type")
+    data = gzip.compress(b"".join(json.dumps({"text": t}).encode() + b"\n" for t in make_texts(2000)))
+    (tmp_path / "cut.jsonl.gz").write_bytes(data[: len(data) // 2])
+    one_line_error(preprocess(tmp_path / "cut.jsonl.gz", out / "p"), out, "cut.jsonl.gz", "cannot read")
+
+
+def test_parquet_null_is_a_bad_row(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["a", None, "b"]}), tmp_path / "n.parquet")
+    (tmp_path / "out").mkdir()
+    one_line_error(preprocess(tmp_path / "n.parquet", tmp_path / "out" / "p"), tmp_path / "out", "n.parquet:2 (row)", "null")
+    r = preprocess(tmp_path / "n.parquet", tmp_path / "out" / "p", "--skip-bad-records")
+    assert r.returncode == 0 and read_meta(tmp_path / "out" / "p")["skipped_bad"] == 1
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
