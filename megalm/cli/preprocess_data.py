@@ -24,7 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-shards", type=int, default=1, help="deal documents round-robin into PREFIX_00000..")
     p.add_argument("--skip-bad-records", action="store_true",
                    help="skip (and count) malformed JSON, missing keys and non-UTF-8 records instead of stopping")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="tqdm progress on stderr (default: only when stderr is a terminal)")
     return p.parse_args(argv)
 
 
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     s = preprocess(
         a.input, a.json_key, a.tokenizer_type, a.tokenizer_model, a.output_prefix, workers=a.workers,
         append_eod=a.append_eod, num_shards=a.num_shards, skip_bad_records=a.skip_bad_records,
-        progress=False if a.no_progress else None,
+        progress=a.progress,
     )
     secs = max(s["seconds"], 1e-9)
     print(
