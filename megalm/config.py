@@ -178,6 +178,10 @@ class CheckpointConfig:
     checkpoint directory (global_stepN or its parent)."""
     save_at_end: bool = True
     """Save after the last step."""
+    reset_optimizer: bool = False
+    """On resume, load weights, step, schedule and data position but start a fresh optimizer
+    state. Needed to resume a ZeRO-1/2 checkpoint with another data-parallel size (DeepSpeed
+    partitions optimizer states by data-parallel rank)."""
 
 
 @dataclass(kw_only=True)

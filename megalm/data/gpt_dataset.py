@@ -26,14 +26,16 @@ from megalm.data.cache import cached_arrays, load_arrays
 from megalm.data.indexed import IndexedDataset
 from megalm.errors import MegalmError
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 PARTS = ["document_index", "sample_index", "shuffle_index"]
 
 
-def build_document_index(doc_ids: np.ndarray, num_epochs: int, rng: np.random.Generator) -> np.ndarray:
-    """`num_epochs` independent permutations of `doc_ids`, concatenated."""
+def build_document_index(doc_ids: np.ndarray, num_epochs: int, seed: int) -> np.ndarray:
+    """`num_epochs` permutations of `doc_ids`, concatenated. Epoch e draws from its own generator
+    (seed, 0, e), so the first epochs do not depend on how many are built."""
     dtype = np.int32 if len(doc_ids) == 0 or doc_ids.max() < 2**31 else np.int64
-    return np.concatenate([rng.permutation(doc_ids).astype(dtype) for _ in range(num_epochs)])
+    return np.concatenate([np.random.default_rng([seed, 0, e]).permutation(doc_ids).astype(dtype)
+                           for e in range(num_epochs)])
 
 
 def build_sample_index(lengths_in_order: np.ndarray, seq_len: int, num_samples: int) -> np.ndarray:
@@ -54,16 +56,30 @@ def build_sample_index(lengths_in_order: np.ndarray, seq_len: int, num_samples: 
 def build_indices(
     doc_ids: np.ndarray, doc_lengths: np.ndarray, seq_len: int, num_samples: int, seed: int
 ) -> dict[str, np.ndarray]:
-    """The three index arrays for the documents `doc_ids` (lengths looked up in `doc_lengths`)."""
+    """The three index arrays for the documents `doc_ids` (lengths looked up in `doc_lengths`).
+
+    Samples are the windows j * seq_len .. (j + 1) * seq_len of the stream of epochs; sample j
+    belongs to the epoch its first token lies in, and the shuffle permutes each epoch's samples
+    with a generator of its own (seed, 1, e). The indices cover every sample starting in the
+    epochs `num_samples` needs (plus the documents to complete the last window), so the first N
+    samples are the same whatever num_samples >= N is asked for: a run extended to more steps,
+    or resumed with another batch layout, sees the same data order.
+    """
     tokens_per_epoch = int(doc_lengths[doc_ids].sum(dtype=np.int64))
     if tokens_per_epoch == 0:
         raise MegalmError("the split's documents hold no tokens")
-    num_epochs = -(-(num_samples * seq_len + 1) // tokens_per_epoch)
-    rng = np.random.default_rng(seed)
-    document_index = build_document_index(doc_ids, num_epochs, rng)
+    num_epochs = max(1, -(-num_samples * seq_len // tokens_per_epoch))
+    samples = -(-num_epochs * tokens_per_epoch // seq_len)  # windows starting in those epochs
+    extra_epochs = -(-(seq_len + 1) // tokens_per_epoch)  # documents to finish the last window
+    document_index = build_document_index(doc_ids, num_epochs + extra_epochs, seed)
     lengths = doc_lengths[document_index].astype(np.int64)
-    sample_index = build_sample_index(lengths, seq_len, num_samples)
-    shuffle_index = rng.permutation(num_samples).astype(np.int64)
+    sample_index = build_sample_index(lengths, seq_len, samples)
+    epoch_of = np.arange(samples, dtype=np.int64) * seq_len // tokens_per_epoch
+    bounds = np.searchsorted(epoch_of, np.arange(num_epochs + 1), side="left")
+    shuffle_index = np.concatenate([
+        bounds[e] + np.random.default_rng([seed, 1, e]).permutation(bounds[e + 1] - bounds[e])
+        for e in range(num_epochs)
+    ]).astype(np.int64)
     return {"document_index": document_index, "sample_index": sample_index, "shuffle_index": shuffle_index}
 
 

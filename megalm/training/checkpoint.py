@@ -154,13 +154,21 @@ def resolve_load(load: str, root: Path) -> tuple[Path, str] | None:
     )
 
 
+def read_metadata(root: Path, tag: str) -> dict[str, Any]:
+    """megalm.json of a checkpoint (written by rank 0 before `latest`)."""
+    path = root / tag / "megalm.json"
+    if not path.is_file():
+        raise MegalmError(f"{root / tag} has no megalm.json: not a complete megalm checkpoint")
+    return json.loads(path.read_text())
+
+
 def load_checkpoint(engine: Any, root: Path, tag: str, *, load_optimizer: bool = True) -> TrainState:
     """Collective: load DeepSpeed state and this rank's RNG; return where training stands."""
     ckpt = root / tag
     if not ckpt.is_dir():
         raise MegalmError(f"checkpoint {ckpt} does not exist")
     path, client = engine.load_checkpoint(
-        str(root), tag=tag, load_optimizer_states=load_optimizer, load_lr_scheduler_states=load_optimizer
+        str(root), tag=tag, load_optimizer_states=load_optimizer, load_lr_scheduler_states=True
     )
     if path is None or client is None or "megalm" not in client:
         raise MegalmError(f"checkpoint {ckpt} could not be loaded (incomplete, or not written by megalm)")

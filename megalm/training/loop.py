@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -40,6 +41,10 @@ def setup(cfg: Config) -> Run:
     cfg.validate(launch.world_size)
     dims = ParallelDims.from_world(launch.world_size, tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline)
     groups = build_process_groups(dims)
+    if cfg.logging.console:
+        pp, dp, tp = dims.coords(launch.rank)
+        print(f"megalm rank {launch.rank}/{launch.world_size} local {launch.local_rank} via {launch.launcher} "
+              f"on {socket.gethostname()}: pipeline {pp} data {dp} tensor {tp}", flush=True)
     init_deepspeed_runtime(cfg.parallel.init_timeout_minutes)
     torch.manual_seed(cfg.train.seed)
 
@@ -210,7 +215,17 @@ def _resume(run: Run) -> ckpt.TrainState:
     target = ckpt.resolve_load(cfg.checkpoint.load, Path(cfg.train.run_dir) / "checkpoints")
     if target is None:
         return ckpt.TrainState()
-    state = ckpt.load_checkpoint(run.engine.ds, *target)
+    saved = ckpt.read_metadata(*target)["parallel"]
+    load_optimizer = not cfg.checkpoint.reset_optimizer
+    if saved["data"] != run.groups.dims.data and cfg.zero.stage >= 1 and load_optimizer:
+        raise MegalmError(
+            f"the checkpoint was written with data parallel {saved['data']}, this run has "
+            f"{run.groups.dims.data}; ZeRO-{cfg.zero.stage} optimizer states are partitioned by data-parallel "
+            "rank: resume with the same data-parallel size, or set checkpoint.reset_optimizer=true"
+        )
+    if saved["data"] != run.groups.dims.data and cfg.zero.stage == 3:
+        raise MegalmError("ZeRO-3 checkpoints resume only with the data-parallel size they were written with")
+    state = ckpt.load_checkpoint(run.engine.ds, *target, load_optimizer=load_optimizer)
     if dist.get_rank() == 0 and cfg.logging.console:
         print(f"resumed from {target[0] / target[1]}: step {state.step}, "
               f"{state.consumed_samples} samples consumed", flush=True)

@@ -3,8 +3,7 @@
 import pytest
 
 from megalm.testing.parity import LAYOUTS, REFERENCE, Layout, max_relative_difference, run_layout
-
-from .conftest import TINY
+from megalm.testing.runs import TINY
 
 FP32_RTOL = 1e-5
 BF16_RTOL = 2e-2  # bf16 sums in a different order per layout; stated tolerance on the loss

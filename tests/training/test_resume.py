@@ -1,0 +1,137 @@
+"""Exact resume after kill -9, resume with another data-parallel size, preemption by signal,
+and the non-finite-loss guard: real `torchrun` launches of `python -m megalm.train`."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megalm.testing.distributed import DistributedTestError, free_port, run_distributed_test
+from megalm.testing.parity import _train_rank
+from megalm.testing.runs import TINY, read_metrics, step_losses, train_env
+
+# slow steps (32 micro-batches per step on 2 ranks) so a signal or a kill lands mid-run
+SLOW = ["train.micro_batch_size=1", "train.global_batch_size=64", "train.eval_interval=0",
+        "logging.tensorboard=false", "train.precision=fp32"]
+
+
+def torchrun(run_dir: Path, prefix: str, *overrides: str, nproc: int = 2) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "-m", "megalm.train", "--config", TINY, f"data.train_prefixes=[{prefix}]",
+           f"train.run_dir={run_dir}", *overrides]
+    log = open(run_dir.parent / f"{run_dir.name}.log", "a")  # noqa: SIM115
+    return subprocess.Popen(cmd, env=train_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and any(r.get("step", 0) >= step and "loss" in r for r in read_metrics(metrics.parent)):
+            return
+        assert proc.poll() is None, f"training exited early: {(run_dir.parent / (run_dir.name + '.log')).read_text()[-3000:]}"
+        time.sleep(0.02)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def finish(proc: subprocess.Popen, run_dir: Path, timeout: float = 300) -> int:
+    code = proc.wait(timeout=timeout)
+    assert code == 0, (run_dir.parent / f"{run_dir.name}.log").read_text()[-3000:]
+    return code
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_is_bit_identical(byte_shards, tmp_path):
+    args = [*SLOW, "train.steps=20", "checkpoint.interval=10"]
+    straight = tmp_path / "straight"
+    finish(torchrun(straight, byte_shards, *args), straight)
+
+    killed = tmp_path / "killed"
+    proc = torchrun(killed, byte_shards, *args)
+    wait_for_step(killed, proc, 11)
+    os.killpg(proc.pid, signal.SIGKILL)  # no clean exit, no final save
+    proc.wait()
+    assert (killed / "checkpoints" / "latest").read_text() == "global_step10"
+    assert not (killed / "status.json").exists()
+    finish(torchrun(killed, byte_shards, *args), killed)  # checkpoint.load=auto resumes at 10
+
+    a, b = step_losses(straight), step_losses(killed)
+    assert sorted(b) == list(range(1, 21))
+    assert [b[s] for s in range(11, 21)] == [a[s] for s in range(11, 21)]  # bit-identical
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [0, 1])
+def test_resume_with_other_data_parallel_size_continues_the_stream(byte_shards, tmp_path, zero):
+    # ZeRO-0 keeps the whole optimizer state per rank: the loss continues exactly. ZeRO-1
+    # partitions it by data-parallel rank: the resume keeps weights, step, schedule and data
+    # position with a fresh optimizer (checkpoint.reset_optimizer=true), so only the data stream
+    # is checked for it.
+    common = [f"data.train_prefixes=[{byte_shards}]", "train.global_batch_size=8", "train.micro_batch_size=2",
+              "train.precision=fp32", "schedule.kind=constant",
+              f"zero.stage={zero}", "logging.sample_ids=true", "logging.tensorboard=false",
+              "train.eval_interval=0", "checkpoint.interval=0"]
+    run_dir = tmp_path / "run"
+    run_distributed_test(_train_rank, 2, args=(TINY, [*common, "train.steps=6", f"train.run_dir={run_dir}"]),
+                         env={"DS_ACCELERATOR": "cpu"})
+    resume = [*common, "train.steps=12", f"train.run_dir={run_dir}"]
+    if zero:
+        with pytest.raises(DistributedTestError, match="set checkpoint.reset_optimizer=true"):
+            run_distributed_test(_train_rank, 4, args=(TINY, resume), env={"DS_ACCELERATOR": "cpu"})
+        resume.append("checkpoint.reset_optimizer=true")
+    run_distributed_test(_train_rank, 4, args=(TINY, resume), env={"DS_ACCELERATOR": "cpu"})
+    ids = [i for f in sorted((run_dir / "sample_ids").glob("rank*.jsonl"))
+           for line in f.read_text().splitlines() for i in json.loads(line)]
+    assert sorted(ids) == list(range(12 * 8))  # nothing repeated, nothing skipped
+    if zero:
+        return
+    # and the losses continue as a straight single-layout run would (same samples per step)
+    straight = tmp_path / "straight"
+    run_distributed_test(_train_rank, 2, args=(TINY, [*common, "train.steps=12", f"train.run_dir={straight}"]),
+                         env={"DS_ACCELERATOR": "cpu"})
+    a, b = step_losses(straight), step_losses(run_dir)
+    assert max(abs(a[s] - b[s]) / a[s] for s in range(1, 13)) <= 1e-5
+
+
+@pytest.mark.slow
+def test_sigusr1_saves_at_next_step_and_exits_0(byte_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = torchrun(run_dir, byte_shards, *SLOW, "train.steps=200", "checkpoint.interval=0")
+    wait_for_step(run_dir, proc, 3)
+    import psutil
+
+    workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "megalm.train" in " ".join(c.cmdline())]
+    assert len(workers) == 2
+    os.kill(workers[1].pid, signal.SIGUSR1)  # one rank only: the stop decision is all-reduced
+    finish(proc, run_dir)
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "preempted" and 3 <= status["step"] < 200
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"global_step{status['step']}"
+    # a resubmission resumes from there
+    proc = torchrun(run_dir, byte_shards, *SLOW, f"train.steps={status['step'] + 2}", "checkpoint.interval=0")
+    finish(proc, run_dir)
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
+    assert max(step_losses(run_dir)) == status["step"] + 2
+
+
+def test_nonfinite_loss_skips_then_aborts(byte_shards, tmp_path):
+    run_dir = tmp_path / "nan"
+    r = subprocess.run(
+        [sys.executable, "-m", "megalm.train", "--config", TINY, f"data.train_prefixes=[{byte_shards}]",
+         f"train.run_dir={run_dir}", "optimizer.lr=1e25", "optimizer.min_lr=0", "optimizer.grad_clip=0",
+         "schedule.warmup_steps=0", "train.max_nonfinite_steps=3", "zero.stage=0", "train.precision=fp32",
+         "logging.tensorboard=false"],
+        env=train_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("error: loss was not finite for 3 steps in a row")
+    rows = [x for x in read_metrics(run_dir) if "loss" in x]
+    assert rows[-1]["skipped_steps"] == 3 and rows[-1]["loss"] == "nan"
+    # skipped updates leave the learning-rate schedule where it was
+    assert rows[-1]["lr"] == rows[-2]["lr"]
