@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -44,7 +45,8 @@ def setup(cfg: Config) -> Run:
     if cfg.logging.console:
         pp, dp, tp = dims.coords(launch.rank)
         print(f"megalm rank {launch.rank}/{launch.world_size} local {launch.local_rank} via {launch.launcher} "
-              f"on {socket.gethostname()}: pipeline {pp} data {dp} tensor {tp}", flush=True)
+              f"on {os.environ.get('SLURMD_NODENAME') or socket.gethostname()}: pipeline {pp} data {dp} tensor {tp}",
+              flush=True)
     init_deepspeed_runtime(cfg.parallel.init_timeout_minutes)
     torch.manual_seed(cfg.train.seed)
 
