@@ -3,7 +3,9 @@
 from setuptools import find_packages, setup
 
 # Each tool is megalm/cli/<name>.py with a main(); tools/<name>.py is a thin wrapper around it.
-TOOLS: list[str] = ["train_tokenizer", "preprocess_data", "merge_datasets", "bench_data"]
+TOOLS: list[str] = [
+    "train_tokenizer", "preprocess_data", "merge_datasets", "bench_data", "convert_checkpoint", "generate", "evaluate",
+]
 
 setup(
     name="megalm",
@@ -24,6 +26,7 @@ setup(
         "tensorboard>=2.14",
         "pyyaml>=6.0",
         "tqdm>=4.66",
+        "matplotlib>=3.7",  # the quickstart's loss curve
     ],
     extras_require={
         "mpi": ["mpi4py>=3.1"],
@@ -34,6 +37,8 @@ setup(
             "transformers>=4.44",
             "mpi4py>=3.1",
             "megatron-core>=0.9",
+            "sacrebleu>=2.3",
+            "rouge-score>=0.1.2",
         ],
     },
     entry_points={
