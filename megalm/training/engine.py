@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from megalm.config import Config
+from megalm.errors import MegalmError
 from megalm.parallel.groups import DeepSpeedMPU, ProcessGroups
 from megalm.training.ds_config import deepspeed_config
 from megalm.training.optimizer import build_optimizer
@@ -60,10 +61,15 @@ def build_model(cfg: Config, groups: ProcessGroups) -> nn.Module:
     return GPT(cfg.model, tp_group, sequence_parallel=cfg.parallel.sequence_parallel, seed=cfg.train.seed)
 
 
-def build_engine(cfg: Config, groups: ProcessGroups) -> Engine:
+def build_engine(cfg: Config, groups: ProcessGroups, model: nn.Module | None = None) -> Engine:
+    """`model`: a prebuilt build_model(cfg, groups) (e.g. holding converted weights, which must be in
+    place before deepspeed.initialize copies them into the optimizer's fp32 masters)."""
     import deepspeed
 
-    model = build_model(cfg, groups)
+    if cfg.train.precision == "fp16" and device_type() != "cuda":
+        raise MegalmError("train.precision=fp16 needs a CUDA device (DeepSpeed's CPU accelerator has no "
+                          "fp16); use bf16 or fp32 on CPU")
+    model = model if model is not None else build_model(cfg, groups)
     optimizer = build_optimizer(model, cfg.optimizer, device_type())
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.optimizer, cfg.train.steps)
     pipeline = cfg.parallel.pipeline > 1
