@@ -57,7 +57,7 @@ def llama_from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig, padded_vocab: i
 
 
 def gpt2_from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig, padded_vocab: int) -> dict[str, torch.Tensor]:
-    """HF GPT2LMHeadModel state dict -> megalm GPT (tensor size 1) state dict (tied embeddings)."""
+    """HF GPT2LMHeadModel state dict -> megalm GPT (tensor size 1) state dict (tied or untied head)."""
     out = {"embedding.word.weight": _pad_rows(hf["transformer.wte.weight"], padded_vocab),
            "embedding.position.weight": hf["transformer.wpe.weight"],
            "final_norm.norm.weight": hf["transformer.ln_f.weight"],
@@ -72,4 +72,45 @@ def gpt2_from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig, padded_vocab: in
         for ours, theirs in (("attn.proj", "attn.c_proj"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
             out[f"{m}{ours}.weight"] = hf[f"{h}{theirs}.weight"].t()
             out[f"{m}{ours}.bias"] = hf[f"{h}{theirs}.bias"]
+    if not cfg.tie_embeddings:
+        out["head.linear.weight"] = _pad_rows(hf["lm_head.weight"], padded_vocab)
     return out
+
+
+def llama_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """megalm GPT (tensor size 1, vocabulary padding stripped) -> HF LlamaForCausalLM state dict.
+    With tied embeddings lm_head.weight is left out (HF ties it to embed_tokens)."""
+    out = {"model.embed_tokens.weight": state["embedding.word.weight"], "model.norm.weight": state["final_norm.norm.weight"]}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = state["head.linear.weight"]
+    for i in range(cfg.num_layers):
+        h, m = f"model.layers.{i}.", f"blocks.{i}."
+        out[h + "input_layernorm.weight"] = state[m + "norm1.weight"]
+        out[h + "post_attention_layernorm.weight"] = state[m + "norm2.weight"]
+        q, k, v = split_qkv(state[m + "attn.qkv.weight"], cfg.num_heads, cfg.num_kv_heads)
+        out[h + "self_attn.q_proj.weight"], out[h + "self_attn.k_proj.weight"], out[h + "self_attn.v_proj.weight"] = q, k, v
+        out[h + "self_attn.o_proj.weight"] = state[m + "attn.proj.weight"]
+        out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = state[m + "mlp.fc1.weight"].chunk(2, dim=0)
+        out[h + "mlp.down_proj.weight"] = state[m + "mlp.fc2.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def gpt2_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """megalm GPT (tensor size 1, padding stripped) -> HF GPT2LMHeadModel state dict (Conv1D: [in, out])."""
+    out = {"transformer.wte.weight": state["embedding.word.weight"],
+           "transformer.wpe.weight": state["embedding.position.weight"],
+           "transformer.ln_f.weight": state["final_norm.norm.weight"],
+           "transformer.ln_f.bias": state["final_norm.norm.bias"]}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = state["head.linear.weight"]
+    n = cfg.num_heads
+    for i in range(cfg.num_layers):
+        h, m = f"transformer.h.{i}.", f"blocks.{i}."
+        for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
+            out[f"{h}{theirs}.weight"], out[f"{h}{theirs}.bias"] = state[f"{m}{ours}.weight"], state[f"{m}{ours}.bias"]
+        out[h + "attn.c_attn.weight"] = torch.cat(split_qkv(state[m + "attn.qkv.weight"], n, n)).t()
+        out[h + "attn.c_attn.bias"] = torch.cat(split_qkv(state[m + "attn.qkv.bias"], n, n))
+        for ours, theirs in (("attn.proj", "attn.c_proj"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+            out[f"{h}{theirs}.weight"] = state[f"{m}{ours}.weight"].t()
+            out[f"{h}{theirs}.bias"] = state[f"{m}{ours}.bias"]
+    return {k: v.contiguous() for k, v in out.items()}

@@ -1,0 +1,63 @@
+"""tools/convert_checkpoint.py: to-hf | from-hf | reshard (megalm checkpoints <-> Hugging Face, TP/PP)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__.split(": ", 1)[1])
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("to-hf", help="megalm checkpoint (any TP/PP/ZeRO) -> Hugging Face directory")
+    t.add_argument("--checkpoint", required=True, help="RUN_DIR, RUN_DIR/checkpoints or .../global_stepN")
+    t.add_argument("--output", required=True, help="new HF directory (config.json, safetensors, tokenizer)")
+    t.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the saved weights")
+    t.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (an index above it)")
+    t.add_argument("--no-verify", action="store_true", help="skip reloading with transformers and comparing logits")
+    t.add_argument("--module-weights", action="store_true",
+                   help="export the module weights even when fp32 master weights exist")
+    f = sub.add_parser("from-hf", help="Hugging Face Llama/GPT-2 directory -> megalm run directory at step 0")
+    f.add_argument("--hf", required=True, help="HF model directory")
+    _layout_args(f)
+    f.add_argument("--config", help="YAML whose non-model sections the run uses (default: megalm's defaults)")
+    f.add_argument("--no-tokenizer", action="store_true", help="do not convert the tokenizer (set data.* yourself)")
+    r = sub.add_parser("reshard", help="change tensor/pipeline size (fresh optimizer, same step and data order)")
+    r.add_argument("--checkpoint", required=True, help="RUN_DIR, RUN_DIR/checkpoints or .../global_stepN")
+    _layout_args(r)
+    return p.parse_args(argv)
+
+
+def _layout_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", required=True, help="new run directory (config.yaml, checkpoints/)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel size the run will resume with (ZeRO partitions)")
+    p.add_argument("overrides", nargs="*", help="section.key=value config overrides (e.g. zero.stage=1)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    t0 = time.perf_counter()
+    if a.command == "to-hf":
+        from megalm.convert.hf import to_hf
+
+        summary = to_hf(a.checkpoint, a.output, dtype=a.dtype, max_shard_size=a.max_shard_size,
+                        verify=not a.no_verify, prefer_master=not a.module_weights)
+        print(json.dumps({**summary, "seconds": round(time.perf_counter() - t0, 2)}))
+        return 0
+    if a.command == "from-hf":
+        from megalm.convert.hf import from_hf
+
+        ckpt = from_hf(a.hf, a.output, tensor=a.tp, pipeline=a.pp, data_parallel=a.dp, config_file=a.config,
+                       overrides=a.overrides, tokenizer=not a.no_tokenizer)
+    else:
+        from megalm.convert.reshard import reshard
+
+        ckpt = reshard(a.checkpoint, a.output, tensor=a.tp, pipeline=a.pp, data_parallel=a.dp, overrides=a.overrides)
+    from megalm.convert.writer import describe_written
+
+    print(f"wrote {describe_written(ckpt)} in {time.perf_counter() - t0:.1f} s; resume with: "
+          f"python -m megalm.train --config {a.output}/config.yaml data.train_prefixes=[...] train.steps=N")
+    return 0

@@ -1,0 +1,89 @@
+"""from-hf (bitwise round trip, resumed by the trainer) and reshard (same loss at a new layout)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.slow
+
+
+def _next_loss(train_run, run_dir, world, prefix, step):
+    """Resume `run_dir` for one step with the trainer; the loss of that step (before its update)."""
+    losses = train_run(run_dir, world, [f"data.train_prefixes=[{prefix}]", f"train.steps={step}",
+                                        "checkpoint.load=auto", "checkpoint.save_at_end=false"],
+                       config=str(run_dir / "config.yaml"))
+    return losses[-1]
+
+
+def test_from_hf_round_trip_is_bitwise_and_training_resumes(checkpoints, convert_shards, trainer, tmp_path):
+    from megalm.convert.hf import from_hf, to_hf
+    from megalm.convert.reader import open_checkpoint
+
+    x = tmp_path / "x"
+    to_hf(checkpoints["llama_tp2_pp2"], x, verify=False)
+    run = tmp_path / "run"
+    ckpt = from_hf(x, run, tensor=1, pipeline=2, overrides=["train.precision=bf16", "zero.stage=1",
+                                                                   "train.micro_batch_size=4", "train.global_batch_size=8"])
+    meta = open_checkpoint(run).meta
+    assert meta["parallel"] == {"tensor": 1, "pipeline": 2, "data": 1} and meta["step"] == 0
+    assert (run / "checkpoints" / "latest").read_text() == ckpt.name
+    y = tmp_path / "y"
+    to_hf(run, y)
+    a, b = load_file(str(x / "model.safetensors")), load_file(str(y / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (x / "tokenizer.json").read_bytes() == (y / "tokenizer.json").read_bytes()
+    # the trainer resumes it (bf16 masters were set exactly): its first loss is HF's on the same batch
+    loss = _next_loss(trainer, run, 2, convert_shards, 1)
+    assert abs(loss - _hf_loss_on_first_batch(x, run, convert_shards)) < 2e-2  # bf16 forward
+
+
+def _hf_loss_on_first_batch(hf_dir, run, prefix):
+    from megalm.config import load_config
+    from megalm.data.builder import build_datasets
+    from megalm.data.tokenizer import build_tokenizer
+
+    cfg = load_config(run / "config.yaml", [f"data.train_prefixes=[{prefix}]", "train.steps=1"]).validate(2)
+    t = cfg.train
+    train, _, _ = build_datasets(cfg.data, build_tokenizer("byte"), t.seed,
+                                 (t.steps * t.global_batch_size, t.eval_steps * t.global_batch_size, 0))
+    batch = torch.stack([torch.from_numpy(train[i]) for i in range(t.global_batch_size)])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = hf(batch[:, :-1]).logits
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, 257), batch[:, 1:].reshape(-1)).item()
+
+
+@pytest.mark.parametrize(("tp", "pp", "world"), [(1, 1, 1), (1, 2, 2)])
+def test_reshard_keeps_the_loss(checkpoints, convert_shards, trainer, tmp_path, tp, pp, world):
+    from megalm.convert.reader import open_checkpoint, read_state
+    from megalm.convert.reshard import reshard
+
+    src = tmp_path / "src"
+    shutil.copytree(checkpoints["llama_tp2_pp2"], src)
+    out = tmp_path / "out"
+    reshard(src, out, tensor=tp, pipeline=pp)
+    before, after = read_state(open_checkpoint(src))[0], read_state(open_checkpoint(out))[0]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    meta = open_checkpoint(out).meta
+    assert meta["step"] == 3 and meta["consumed_samples"] == 24
+    reference = _next_loss(trainer, src, 4, convert_shards, 4)  # step 4 of the TP2 PP2 run
+    resharded = _next_loss(trainer, out, world, convert_shards, 4)
+    assert abs(resharded - reference) <= 1e-5 * abs(reference)
+
+
+def test_reshard_zero3_bf16_to_pipeline(checkpoints, tmp_path):
+    from megalm.convert.reader import open_checkpoint, read_state
+    from megalm.convert.reshard import reshard
+    from megalm.errors import MegalmError
+
+    with pytest.raises(MegalmError, match="zero.stage"):
+        reshard(checkpoints["llama_tp2_z3"], tmp_path / "bad", tensor=1, pipeline=2)
+    reshard(checkpoints["llama_tp2_z3"], tmp_path / "ok", tensor=1, pipeline=2, overrides=["zero.stage=1"])
+    a, b = read_state(open_checkpoint(checkpoints["llama_tp2_z3"]))[0], read_state(open_checkpoint(tmp_path / "ok"))[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,86 @@
+"""Export to Hugging Face from every layout: no missing keys, logits equal, greedy generation equal."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.slow  # trains the session checkpoints (~30 s) on first use
+
+
+@pytest.fixture(scope="module")
+def exports(checkpoints, tmp_path_factory):
+    from megalm.convert.hf import to_hf
+
+    out = {}
+    for name, run in checkpoints.items():
+        d = tmp_path_factory.mktemp("hf") / name
+        out[name] = (d, to_hf(run, d))
+    return out
+
+
+@pytest.mark.parametrize("name", ["llama_tp2_pp2", "llama_tp2_z3", "gpt2_pp2"])
+def test_export_loads_and_logits_match(name, exports, checkpoints):
+    from megalm.convert.reader import open_checkpoint, read_state
+    from megalm.inference.load import build_gpt
+
+    out, summary = exports[name]
+    assert summary["weights_from"] == "fp32 master weights"
+    assert summary["max_abs_logit_diff"] < 1e-4
+    files = sorted(p.name for p in out.iterdir())
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= set(files)
+    assert not any(f.endswith((".bin", ".pt", ".pth")) for f in files)  # safetensors only
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, dtype=torch.float32)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert type(hf).__name__ == ("GPT2LMHeadModel" if name.startswith("gpt2") else "LlamaForCausalLM")
+    ckpt = open_checkpoint(checkpoints[name])
+    state, _ = read_state(ckpt)
+    ours = build_gpt(ckpt.config.model, state)
+    assert hf.config.vocab_size == 257 and hf.config.eos_token_id == 256  # padding stripped; eos = EOD
+    tokens = torch.randint(0, 257, (3, 48), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        diff = (hf.eval()(tokens).logits - ours.logits_full(tokens)).abs().max().item()
+    assert diff < 1e-4
+    # the exported weights are the fp32 masters (differ from a bf16 run's rounded module weights)
+    assert torch.equal(hf.get_input_embeddings().weight, state["embedding.word.weight"])
+
+
+def test_tied_and_untied_heads(exports):
+    tied = json.loads((exports["llama_tp2_z3"][0] / "config.json").read_text())
+    untied = json.loads((exports["llama_tp2_pp2"][0] / "config.json").read_text())
+    assert tied["tie_word_embeddings"] is True and untied["tie_word_embeddings"] is False
+    assert untied["num_key_value_heads"] == 2 and untied["num_attention_heads"] == 4
+
+
+@pytest.mark.parametrize("name", ["llama_tp2_pp2", "gpt2_pp2"])
+def test_greedy_generation_equals_hugging_face(name, exports, checkpoints):
+    from megalm.inference.generate import Sampling, generate
+    from megalm.inference.load import load_from_checkpoint
+
+    model, codec = load_from_checkpoint(checkpoints[name])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(exports[name][0], dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(exports[name][0])
+    prompts = ["Once upon a time", "The", "def f(x):\n    return x"]
+    ids = [codec.encode(p) for p in prompts]
+    assert ids == [tok.encode(p, add_special_tokens=False) for p in prompts]
+    ours = generate(model, ids, 24, Sampling(greedy=True), eod=codec.eod, pad=codec.pad).tokens
+    for p, got in zip(ids, ours, strict=True):
+        want = hf.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False, pad_token_id=codec.pad)[0, len(p):]
+        want = want.tolist()
+        want = want[: want.index(256) + 1] if 256 in want else want
+        assert got == want
+
+
+def test_bf16_export_and_sharded_index(checkpoints, tmp_path):
+    from megalm.convert.hf import to_hf
+
+    summary = to_hf(checkpoints["llama_tp2_pp2"], tmp_path / "hf", dtype="bf16", max_shard_size="100KB")
+    assert summary["max_abs_logit_diff"] < 1e-4
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert hf.dtype == torch.bfloat16 and not info["missing_keys"] and not info["unexpected_keys"]
