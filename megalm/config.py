@@ -405,6 +405,27 @@ def describe() -> dict[str, dict[str, str]]:
     return out
 
 
+def describe_markdown() -> str:
+    """docs/config.md: every section and key with its type, default and documentation."""
+    lines = ["# Configuration reference", "",
+             "Generated from megalm/config.py by `python -m megalm.train --help-config --markdown`;",
+             "tests/test_config.py fails when it is out of date. Derived defaults are resolved by",
+             "`Config.validate(world_size)` and written into RUN_DIR/config.yaml.", ""]
+    docs = describe()
+    for name, cls in SECTIONS.items():
+        lines += [f"## {name}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        defaults = dataclasses.asdict(cls())
+        for key, tp in _field_types(cls).items():
+            if typing.get_origin(tp) is Literal:
+                type_name = "one of " + ", ".join(map(repr, typing.get_args(tp)))
+            else:
+                type_name = _type_name(tp).replace("|", "or")
+            default = "derived" if defaults[key] is None else repr(defaults[key])
+            lines.append(f"| `{name}.{key}` | {type_name} | {default} | {docs[name].get(key, '')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 

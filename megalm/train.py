@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megalm.config import Config, describe, load_config
+from megalm.config import Config, describe, describe_markdown, load_config
 from megalm.errors import run_cli
 from megalm.parallel.launch_env import discover
 
@@ -22,6 +22,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides (YAML values)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    parser.add_argument("--markdown", action="store_true", help="with --help-config: as docs/config.md")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -33,6 +34,9 @@ def resolve_config(args: argparse.Namespace) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.help_config and args.markdown:
+        print(describe_markdown())
+        return 0
     if args.help_config:
         for section, keys in describe().items():
             for key, doc in keys.items():

@@ -173,3 +173,12 @@ def test_every_config_file_key_exists():
     for path in glob.glob("configs/*.yaml"):
         raw = yaml.safe_load(open(path))
         config_from_dict(raw, path)
+
+
+def test_config_reference_is_current():
+    from pathlib import Path
+
+    from megalm.config import describe_markdown
+
+    assert Path("docs/config.md").read_text() == describe_markdown() + "\n", (
+        "regenerate: python -m megalm.train --help-config --markdown > docs/config.md")
