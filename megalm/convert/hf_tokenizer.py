@@ -87,6 +87,7 @@ def export_tokenizer(tokenizer: Tokenizer, out_dir: Path) -> None:
     from tokenizers import Tokenizer as RawTokenizer
     from transformers import PreTrainedTokenizerFast
 
+    out_dir.mkdir(parents=True, exist_ok=True)
     extra: dict = {}
     if tokenizer.type == "byte":
         raw = byte_tokenizer_json()
