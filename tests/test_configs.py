@@ -1,0 +1,68 @@
+"""Every configs/*.yaml loads strictly and validates at the world size its header states, and the
+published models have their published parameter counts (built on the meta device up to 1B)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from megalm.config import describe, load_config
+from megalm.model.flops import count_module_parameters, count_parameters
+from megalm.model.gpt import GPT, padded_vocab, resolve_model_config
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+# filled in by tools/quickstart.sh at run time
+OVERRIDES = {"quickstart.yaml": ["data.tokenizer_model=tok/spm.model"]}
+# the model configs of issue 8: every key of every section written out
+COMPLETE = ["gpt2-124m.yaml", "llama-160m.yaml", "llama-1b.yaml", "llama-7b.yaml", "llama-70b.yaml"]
+PUBLISHED = {  # parameters (vocabulary padding excluded), and whether to build the model
+    "gpt2-124m.yaml": (124_439_808, True),  # HF gpt2: wte + wpe + 12 blocks, head tied
+    "llama-160m.yaml": (162_417_408, True),  # JackFram/llama-160m's shape
+    "llama-1b.yaml": (1_100_048_384, True),  # TinyLlama-1.1B
+    "llama-7b.yaml": (6_738_415_616, False),  # Llama-2-7B
+    "llama-70b.yaml": (68_976_648_192, False),  # Llama-2-70B
+}
+
+
+def stated_world_size(path: Path) -> int:
+    """The `# world_size: N` header line of a config (1 when a config states none)."""
+    found = re.search(r"^# world_size: (\d+)$", path.read_text(encoding="utf-8"), re.MULTILINE)
+    assert found or path.name not in [*COMPLETE, "tiny.yaml", "quickstart.yaml"], path.name
+    return int(found.group(1)) if found else 1
+
+
+def test_the_issue_configs_exist():
+    assert {p.name for p in CONFIGS} >= {*COMPLETE, "tiny.yaml", "quickstart.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_validates_at_its_stated_world_size(path: Path):
+    cfg = load_config(path, OVERRIDES.get(path.name, [])).validate(stated_world_size(path))
+    assert cfg.data_parallel * cfg.parallel.tensor * cfg.parallel.pipeline == stated_world_size(path)
+    assert cfg.train.steps > 0
+
+
+@pytest.mark.parametrize("name", COMPLETE)
+def test_every_key_is_written_out(name: str):
+    raw = yaml.safe_load((CONFIGS[0].parent / name).read_text(encoding="utf-8"))
+    for section, keys in describe().items():
+        assert set(raw[section]) == set(keys), (section, set(keys) ^ set(raw[section]))
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_parameter_count(name: str):
+    expected, build = PUBLISHED[name]
+    model_cfg = resolve_model_config(load_config(CONFIGS[0].parent / name).model)
+    assert count_parameters(model_cfg) == expected
+    if not build:
+        return
+    with torch.device("meta"):
+        model = GPT(model_cfg, None)
+    # megalm pads the embedding (and an untied head) to a multiple of 64 rows: take them off
+    tables = 1 if model_cfg.tie_embeddings else 2
+    padding = (padded_vocab(model_cfg, None) - model_cfg.vocab_size) * model_cfg.hidden_size * tables
+    assert count_module_parameters(model) - padding == expected
