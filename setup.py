@@ -5,6 +5,7 @@ from setuptools import find_packages, setup
 # Each tool is megalm/cli/<name>.py with a main(); tools/<name>.py is a thin wrapper around it.
 TOOLS: list[str] = [
     "train_tokenizer", "preprocess_data", "merge_datasets", "bench_data", "convert_checkpoint", "generate", "evaluate",
+    "plan",
 ]
 
 setup(

@@ -1,0 +1,292 @@
+"""Plan a run before launching it: per-rank memory (per ZeRO stage), FLOPs per step, step time.
+
+Notation: Psi = parameter elements one rank holds (its pipeline stage, its tensor shard, the
+padded vocabulary: what is really allocated), N = data-parallel size, w = bytes of a weight in
+the training precision (2 for bf16/fp16, 4 for fp32), t = tensor-parallel size, s = sequence
+length, b = micro batch, d = hidden size, f = MLP width, k = kv width (num_kv_heads x head_dim).
+
+Model states follow ZeRO (Rajbhandari et al. 2020) as DeepSpeed implements it, in bytes per rank:
+
+    stage   parameters   gradients   optimizer (fp32 master 4 + Adam m 4 + v 4 = 12 bytes)
+    0       w Psi        w Psi       12 Psi
+    1       w Psi        w Psi       12 Psi / N
+    2       w Psi        w Psi / N   12 Psi / N
+    3       w Psi / N    w Psi / N   12 Psi / N
+
+except fp32 with ZeRO-0, where the weights are the master copy (optimizer 8 Psi). DeepSpeed's
+ZeRO 1-3 keep a separate fp32 master partition even in fp32 training, hence 12. Not counted:
+the transient fp32 gradient partition inside optimizer.step(), ZeRO-2/3 communication buckets
+(zero.reduce_bucket_size elements) and ZeRO-3's gathered layers.
+
+Activations are counted for megalm's layers as written (SDPA, i.e. flash attention on GPU, so
+Megatron's 5 a s^2 b softmax term of "Reducing Activation Recomputation in Large Transformer
+Models", Korthikanti et al. 2022, does not exist): see `activation_bytes_per_token`. For GPT-2
+shapes in bf16 without dropout this is exactly Megatron's 34 s b d per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from megalm.config import Config, ModelConfig
+from megalm.errors import MegalmError
+from megalm.model.flops import (
+    _block_parameters,
+    count_parameters,
+    flops_per_token_megatron,
+    flops_per_token_palm,
+)
+from megalm.parallel.layers import padded_vocab_size
+
+GIB = 2**30
+WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+ADAM_BYTES = 8  # exp_avg and exp_avg_sq in fp32
+MASTER_BYTES = 4  # fp32 master copy
+
+
+@dataclass(frozen=True)
+class ModelStates:
+    """Bytes of parameters, gradients and optimizer states on one rank for one ZeRO stage."""
+
+    stage: int
+    params: int
+    grads: int
+    optimizer: int
+    allowed: bool  # DeepSpeed's pipeline engine takes ZeRO 0 and 1 only
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer
+
+
+def model_state_bytes(numel: int, precision: str, stage: int, data: int, allowed: bool = True) -> ModelStates:
+    """ZeRO's per-rank bytes (table in the module docstring) for `numel` parameters on this rank."""
+    w = WEIGHT_BYTES[precision]
+    master = 0 if (precision == "fp32" and stage == 0) else MASTER_BYTES
+
+    def shard(n: int, sharded: bool) -> int:
+        return -(-n // data) if sharded else n
+
+    return ModelStates(
+        stage=stage,
+        params=shard(w * numel, stage >= 3),
+        grads=shard(w * numel, stage >= 2),
+        optimizer=shard((master + ADAM_BYTES) * numel, stage >= 1),
+        allowed=allowed,
+    )
+
+
+def layer_parameters(m: ModelConfig, tensor: int, pipeline: int) -> list[int]:
+    """Parameter elements one tensor rank holds of each pipeline layer, in order:
+    [embedding, block x L, final norm, head]. Matmul weights and column-parallel biases are split
+    over t; norms and row-parallel biases are replicated; the vocabulary is padded to a multiple
+    of make_vocab_size_divisible_by x t. A tied head is a copy of the embedding on the last stage
+    when pipeline > 1 and nothing otherwise."""
+    d = m.hidden_size
+    vocab_rows = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tensor) // tensor
+    replicated = 2 * d if m.arch == "llama" else 6 * d  # 2 RMSNorm | 2 LayerNorm (w, b) + 2 row biases
+    block = (_block_parameters(m)[1] - replicated) // tensor + replicated
+    embedding = vocab_rows * d + (m.max_seq_len * d if m.arch == "gpt2" else 0)
+    head = vocab_rows * d if (not m.tie_embeddings or pipeline > 1) else 0
+    final_norm = d if m.arch == "llama" else 2 * d
+    return [embedding, *([block] * m.num_layers), final_norm, head]
+
+
+def partition_stages(weights: list[int], parts: int, method: str) -> list[range]:
+    """Contiguous ranges of layers per stage. "parameters": the split that minimises the largest
+    stage's parameter count (the objective of DeepSpeed's partition_balanced); otherwise uniform
+    by layer count (DeepSpeed's "uniform"; "type:" patterns are approximated by it)."""
+    n = len(weights)
+    if method != "parameters":
+        bounds = [round(i * n / parts) for i in range(parts + 1)]
+        return [range(bounds[i], bounds[i + 1]) for i in range(parts)]
+    lo, hi = max(weights), sum(weights)
+    while lo < hi:  # binary search for the smallest feasible bottleneck
+        mid = (lo + hi) // 2
+        if len(_greedy_split(weights, mid)) <= parts:
+            hi = mid
+        else:
+            lo = mid + 1
+    stages = _greedy_split(weights, lo)
+    while len(stages) < parts:  # split the longest stage so every stage has a layer
+        i = max(range(len(stages)), key=lambda j: len(stages[j]))
+        r = stages[i]
+        stages[i:i + 1] = [range(r.start, r.start + 1), range(r.start + 1, r.stop)]
+    return stages
+
+
+def _greedy_split(weights: list[int], cap: int) -> list[range]:
+    stages, start, load = [], 0, 0
+    for i, w in enumerate(weights):
+        if load + w > cap and i > start:
+            stages.append(range(start, i))
+            start, load = i, 0
+        load += w
+    stages.append(range(start, len(weights)))
+    return stages
+
+
+def activation_bytes_per_token(m: ModelConfig, precision: str, tensor: int, sequence_parallel: bool) -> float:
+    """Bytes one transformer block keeps for backward, per token of the micro batch.
+
+    With e = activation bytes (2 bf16/fp16, 4 fp32), sharded over t:
+      llama: e (qkv out d+2k, RoPE q d and k k, SDPA out d, proj input d) + e (fc1 out 2f, silu f, product f)
+             = e (4d + 3k + 4f)
+      gpt2:  e (qkv out d+2k, SDPA out d, proj input d, gelu in f, gelu out f) = e (3d + 2k + 2f)
+    replicated over t (norm inputs sharded by sequence parallelism, matmul inputs gathered):
+      llama: 2 x 4d (RMSNorm keeps an fp32 copy of its input) + e (qkv input d + MLP input d)
+      gpt2:  2 x e d (LayerNorm inputs) + e (qkv input d + MLP input d)
+    plus two 1-byte residual dropout masks when model.dropout > 0. SDPA keeps q, k, v and its
+    output (and a fp32 logsumexp per head and token, ignored): no s^2 term.
+    """
+    e, d, f = WEIGHT_BYTES[precision], m.hidden_size, m.ffn_hidden_size
+    k = m.num_kv_heads * (d // m.num_heads)
+    if m.arch == "llama":
+        sharded, norms = e * (4 * d + 3 * k + 4 * f), 2 * 4 * d
+    else:
+        sharded, norms = e * (3 * d + 2 * k + 2 * f), 2 * e * d
+    seq_sharded = norms + (2 * d if m.dropout > 0 else 0)
+    return sharded / tensor + seq_sharded / (tensor if sequence_parallel else 1) + e * 2 * d
+
+
+def head_bytes_per_token(m: ModelConfig, precision: str, tensor: int, sequence_parallel: bool) -> float:
+    """The last stage's extra per token: the final norm's input (fp32 for RMSNorm), the head's
+    gathered input (e d) and the vocab-sharded logits (e) with their fp32 softmax (4) per entry."""
+    e, d = WEIGHT_BYTES[precision], m.hidden_size
+    norm = (4 if m.arch == "llama" else e) * d / (tensor if sequence_parallel else 1)
+    vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tensor) // tensor
+    return norm + e * d + (e + 4) * vocab
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage as seen by one of its ranks."""
+
+    index: int
+    layers: range
+    num_blocks: int
+    params: int  # elements on one tensor rank
+    in_flight: int  # micro batches whose activations 1F1B keeps at once: min(p - i, accumulation)
+    activations: int  # bytes, with the configured activation checkpointing
+    activations_no_ckpt: int
+    activations_ckpt: int
+
+
+def stage_activations(cfg: Config, blocks: int, in_flight: int, last: bool, checkpointing: bool) -> int:
+    """Activation bytes of a stage: in_flight x blocks x per-block bytes (checkpointing: only the
+    block input, e d / (t if sequence parallel), plus one block recomputed at a time), and on the
+    last stage the head's activations for one micro batch."""
+    m, p, prec = cfg.model, cfg.parallel, cfg.train.precision
+    t, sp = p.tensor, p.sequence_parallel and p.tensor > 1
+    tokens = cfg.train.micro_batch_size * cfg.data.seq_len
+    per_block = activation_bytes_per_token(m, prec, t, sp) * tokens
+    if checkpointing:
+        kept = WEIGHT_BYTES[prec] * m.hidden_size / (t if sp else 1) * tokens
+        total = in_flight * blocks * kept + (per_block if blocks else 0)
+    else:
+        total = in_flight * blocks * per_block
+    if last:
+        total += head_bytes_per_token(m, prec, t, sp) * tokens
+    return int(total)
+
+
+def build_stages(cfg: Config) -> list[Stage]:
+    """Every pipeline stage of a validated config: its layers, parameters and activations."""
+    m, p = cfg.model, cfg.parallel
+    weights = layer_parameters(m, p.tensor, p.pipeline)
+    stages = []
+    for i, layers in enumerate(partition_stages(weights, p.pipeline, p.pipeline_partition)):
+        blocks = sum(1 for j in layers if 1 <= j <= m.num_layers)
+        in_flight = min(p.pipeline - i, cfg.train.grad_accum_steps)
+        last = i == p.pipeline - 1
+        acts = {ck: stage_activations(cfg, blocks, in_flight, last, ck) for ck in (False, True)}
+        stages.append(Stage(i, layers, blocks, sum(weights[j] for j in layers), in_flight,
+                            acts[m.activation_checkpointing], acts[False], acts[True]))
+    return stages
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the planner reports for one config on `world_size` devices (bytes, FLOPs, s)."""
+
+    world_size: int
+    tensor: int
+    pipeline: int
+    data: int
+    sequence_parallel: bool
+    zero_stage: int
+    offload_optimizer: bool
+    precision: str
+    activation_checkpointing: bool
+    micro_batch_size: int
+    grad_accum_steps: int
+    global_batch_size: int
+    seq_len: int
+    tokens_per_step: int
+    steps: int
+    parameters: int  # the model's, vocabulary padding excluded (megalm.model.flops)
+    rank_parameters: int  # elements on one rank of the stage below (padding included)
+    stage: int  # the pipeline stage with the most memory at the configured ZeRO stage
+    stage_blocks: int
+    zero: list[ModelStates]
+    activations: int  # that stage, configured checkpointing
+    activations_no_ckpt: int
+    activations_ckpt: int
+    flops_per_token_palm: int
+    flops_per_token_megatron: int  # with recomputation when checkpointing
+    flops_per_step_palm: int
+    flops_per_step_megatron: int
+    peak_tflops: float
+    mfu: float
+    step_seconds: float  # PaLM FLOPs per step / (devices x peak x MFU)
+    total_seconds: float
+
+    def rank_bytes(self, stage: int) -> int:
+        """Device bytes per rank at ZeRO `stage`: model states (optimizer on the host when
+        offloaded) plus activations."""
+        s = self.zero[stage]
+        return s.total - (s.optimizer if self.offload_optimizer else 0) + self.activations
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["zero"] = [{**asdict(s), "total": s.total, "rank_bytes": self.rank_bytes(s.stage)} for s in self.zero]
+        out["rank_bytes"] = self.rank_bytes(self.zero_stage)
+        return out
+
+
+def make_plan(cfg: Config, world_size: int, mfu: float = 0.4, peak_tflops: float = 989.0) -> Plan:
+    """Validate `cfg` for `world_size` devices and plan it. `peak_tflops` is per device (dense
+    bf16: 989 for H100/H200 SXM); step time = PaLM FLOPs per step / (world x peak x mfu)."""
+    if world_size < 1:
+        raise MegalmError(f"--gpus must be a positive number of devices, got {world_size}")
+    if not 0 < mfu <= 1:
+        raise MegalmError(f"--mfu must be in (0, 1], got {mfu}")
+    if peak_tflops <= 0:
+        raise MegalmError(f"--peak-tflops must be positive, got {peak_tflops}")
+    cfg.validate(world_size)
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    data = world_size // (p.tensor * p.pipeline)
+
+    def states(numel: int) -> list[ModelStates]:
+        return [model_state_bytes(numel, t.precision, z, data, allowed=p.pipeline == 1 or z <= 1) for z in range(4)]
+
+    stages = build_stages(cfg)
+    worst = max(stages, key=lambda s: states(s.params)[cfg.zero.stage].total + s.activations)
+    tokens = t.global_batch_size * cfg.data.seq_len
+    palm = flops_per_token_palm(m, cfg.data.seq_len)
+    megatron = flops_per_token_megatron(m, cfg.data.seq_len, recompute=m.activation_checkpointing)
+    step_seconds = palm * tokens / (world_size * peak_tflops * 1e12 * mfu)
+    return Plan(
+        world_size=world_size, tensor=p.tensor, pipeline=p.pipeline, data=data,
+        sequence_parallel=p.sequence_parallel and p.tensor > 1, zero_stage=cfg.zero.stage,
+        offload_optimizer=cfg.zero.offload_optimizer, precision=t.precision,
+        activation_checkpointing=m.activation_checkpointing, micro_batch_size=t.micro_batch_size,
+        grad_accum_steps=t.grad_accum_steps, global_batch_size=t.global_batch_size,
+        seq_len=cfg.data.seq_len, tokens_per_step=tokens, steps=t.steps,
+        parameters=count_parameters(m), rank_parameters=worst.params, stage=worst.index,
+        stage_blocks=worst.num_blocks, zero=states(worst.params), activations=worst.activations,
+        activations_no_ckpt=worst.activations_no_ckpt, activations_ckpt=worst.activations_ckpt,
+        flops_per_token_palm=palm, flops_per_token_megatron=megatron,
+        flops_per_step_palm=palm * tokens, flops_per_step_megatron=megatron * tokens,
+        peak_tflops=peak_tflops, mfu=mfu, step_seconds=step_seconds, total_seconds=step_seconds * t.steps,
+    )

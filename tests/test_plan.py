@@ -1,0 +1,124 @@
+"""The planner: ZeRO arithmetic, activations against Megatron's formula, FLOPs, the CLI, and its
+model-state bytes against what a real DeepSpeed engine allocates for the tiny config on CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megalm.config import ModelConfig, load_config
+from megalm.model.flops import count_parameters, flops_per_token_megatron, flops_per_token_palm
+from megalm.model.gpt import resolve_model_config
+from megalm.plan import (
+    activation_bytes_per_token,
+    layer_parameters,
+    make_plan,
+    model_state_bytes,
+    partition_stages,
+)
+from megalm.testing.distributed import run_distributed_test
+from megalm.testing.memory import measure_cases
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+def test_zero_stages_bf16():
+    # 2 + 2 + 12 bytes per parameter, divided by N = 8 as ZeRO shards them
+    got = [model_state_bytes(1000, "bf16", z, 8) for z in range(4)]
+    assert [(s.params, s.grads, s.optimizer) for s in got] == [
+        (2000, 2000, 12000), (2000, 2000, 1500), (2000, 250, 1500), (250, 250, 1500)]
+
+
+def test_fp32_zero0_has_no_separate_master_copy():
+    assert model_state_bytes(1000, "fp32", 0, 1).optimizer == 8000  # Adam m, v
+    assert model_state_bytes(1000, "fp32", 1, 1).optimizer == 12000  # DeepSpeed's fp32 partition too
+
+
+def test_gpt2_activations_are_megatrons_34_sbh_without_the_attention_matrix():
+    cfg = resolve_model_config(ModelConfig(arch="gpt2", hidden_size=768, num_layers=12, num_heads=12, vocab_size=50257))
+    assert activation_bytes_per_token(cfg, "bf16", 1, False) == 34 * 768
+    # tensor parallel: norms and the two matmul inputs stay whole, the rest is split over t
+    assert activation_bytes_per_token(cfg, "bf16", 4, False) == (8 + 26 / 4) * 768
+    assert activation_bytes_per_token(cfg, "bf16", 4, True) == (4 + 30 / 4) * 768
+
+
+def test_llama_7b_on_8_gpus():
+    cfg = load_config(ROOT / "configs" / "llama-7b.yaml")
+    plan = make_plan(cfg, 8, mfu=0.5, peak_tflops=1000.0)
+    n = 6_738_415_616  # vocabulary 32000 is a multiple of 64: no padding
+    assert (plan.data, plan.rank_parameters, plan.parameters) == (8, n, n)
+    assert plan.zero[1].params == 2 * n and plan.zero[1].optimizer == 12 * n // 8
+    assert plan.tokens_per_step == 1024 * 4096
+    assert plan.flops_per_step_palm == flops_per_token_palm(cfg.model, 4096) * 1024 * 4096
+    assert plan.flops_per_step_megatron == flops_per_token_megatron(cfg.model, 4096, recompute=True) * 1024 * 4096
+    assert plan.step_seconds == pytest.approx(plan.flops_per_step_palm / (8 * 1000e12 * 0.5))
+    # checkpointing keeps 2 s b d bytes per block plus one recomputed block and the head
+    assert plan.activations_ckpt < plan.activations_no_ckpt / 5
+
+
+def test_llama_70b_pipeline_stages_cover_the_model():
+    cfg = load_config(ROOT / "configs" / "llama-70b.yaml").validate(64)
+    weights = layer_parameters(cfg.model, 8, 4)
+    stages = partition_stages(weights, 4, "parameters")
+    assert [i for r in stages for i in r] == list(range(len(weights)))
+    assert [sum(1 for i in r if 1 <= i <= 80) for r in stages] == [20, 20, 20, 20]
+    # each tensor rank holds 1/8 of the matmuls and embeddings and all of the norms; the vocabulary
+    # is padded to a multiple of 64 x 8: 32256 rows in the embedding and in the head
+    norms, padding = 80 * 2 * 8192 + 8192, (32256 - 32000) * 8192 * 2
+    assert 8 * (sum(weights) - norms) + norms - padding == count_parameters(cfg.model)
+    plan = make_plan(cfg, 64)
+    assert not plan.zero[2].allowed and plan.zero[1].allowed
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "plan.py"), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_cli_json_and_table():
+    out = _run_cli("--config", "configs/llama-1b.yaml", "--gpus", "8", "--json")
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    assert plan["parameters"] == 1_100_048_384 and plan["zero_stage"] == 1
+    assert plan["rank_bytes"] == plan["zero"][1]["rank_bytes"]
+    table = _run_cli("--config", "configs/llama-1b.yaml", "--gpus", "16", "train.micro_batch_size=4")
+    assert table.returncode == 0 and "DP16" in table.stdout and "<- configured" in table.stdout
+
+
+@pytest.mark.parametrize("gpus", ["7", "0"])
+def test_cli_bad_gpu_count_is_one_line_and_exit_2(gpus: str):
+    out = _run_cli("--config", "configs/llama-7b.yaml", "--gpus", gpus)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 2 and len(errors) == 1 and "Traceback" not in out.stderr
+
+
+# Planner vs DeepSpeed on CPU. Accumulation 2, so the measured backward is not at a boundary and
+# the full gradients exist (see megalm.testing.memory). Tolerance: 0.1% per category; the
+# differences are Adam's 4-byte `step` tensors and flat-buffer alignment.
+BASE = ["checkpoint.load=none", "logging.console=false", "logging.tensorboard=false", "train.micro_batch_size=2"]
+CASES = {
+    1: [["zero.stage=0", "train.precision=fp32"], ["zero.stage=1", "train.precision=fp32"],
+        ["zero.stage=0", "train.precision=bf16"], ["zero.stage=1", "train.precision=bf16"]],
+    2: [["zero.stage=1", "train.precision=fp32"], ["zero.stage=1", "train.precision=bf16"],
+        ["zero.stage=1", "train.precision=fp32", "parallel.tensor=2"]],
+}
+
+
+@pytest.mark.parametrize("world_size", sorted(CASES))
+def test_model_state_bytes_match_deepspeed(world_size: int):
+    cases = [[*BASE, *c, f"train.global_batch_size={4 * world_size}"] for c in CASES[world_size]]
+    measured = run_distributed_test(measure_cases, world_size, args=(TINY, cases), timeout=600,
+                                    env={"DS_ACCELERATOR": "cpu"})
+    for i, overrides in enumerate(cases):
+        plan = make_plan(load_config(TINY, overrides), world_size)
+        zero = plan.zero[plan.zero_stage]
+        for rank_values in measured:
+            got = rank_values[i]
+            for key in ("params", "grads", "optimizer"):
+                planned = getattr(zero, key)
+                assert got[key] == pytest.approx(planned, rel=1e-3), (overrides, key, got, planned)
