@@ -3,9 +3,11 @@
 from setuptools import find_packages, setup
 
 # Each tool is megalm/cli/<name>.py with a main(); tools/<name>.py is a thin wrapper around it.
-TOOLS: list[str] = [
-    "train_tokenizer", "preprocess_data", "merge_datasets", "bench_data", "convert_checkpoint", "generate", "evaluate",
-    "plan",
+# Each tool is megalm/cli/<name>.py with a main(); tools/<name>.py and the console script
+# megalm-<name> (megalm/cli/entry.py) run it. Kept equal to megalm/cli/entry.py:TOOLS (tested).
+TOOLS = [
+    "train_tokenizer", "preprocess_data", "merge_datasets", "bench_data", "convert_checkpoint", "generate",
+    "evaluate", "plan", "benchmark", "parity",
 ]
 
 setup(
@@ -44,8 +46,8 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "megalm-train=megalm.train:main",
-            *[f"megalm-{t.replace('_', '-')}=megalm.cli.{t}:main" for t in TOOLS],
+            "megalm-train=megalm.cli.entry:train",
+            *[f"megalm-{t.replace('_', '-')}=megalm.cli.entry:{t}" for t in TOOLS],
         ]
     },
 )

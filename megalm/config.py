@@ -165,6 +165,8 @@ class TrainConfig:
     """Validation batches per evaluation."""
     max_nonfinite_steps: int = 5
     """Abort after this many consecutive steps with a non-finite loss (each one is skipped)."""
+    compile: bool = False
+    """torch.compile the model (DeepSpeed's engine.compile()): faster steps after a slow first one."""
 
 
 @dataclass(kw_only=True)

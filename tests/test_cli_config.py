@@ -68,3 +68,17 @@ def test_rendezvous_timeout_is_one_clear_error():
 
     with pytest.raises(MegalmError, match="cannot reach the rendezvous at 127.0.0.1"):
         wait_for_rendezvous("127.0.0.1", free_port(), timeout_s=1.0)
+
+
+def test_console_scripts_cover_every_tool_and_exit_2_on_user_errors():
+    import re
+    from pathlib import Path
+
+    from megalm.cli import entry
+
+    setup_tools = re.findall(r'"(\w+)"', Path("setup.py").read_text().split("TOOLS = [")[1].split("]")[0])
+    assert setup_tools == entry.TOOLS
+    assert sorted(p.stem for p in Path("tools").glob("*.py")) == sorted(entry.TOOLS)
+    r = subprocess.run([sys.executable, "-c", "from megalm.cli.entry import train; train()",
+                        "--config", "nope.yaml"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == "error: config file not found: nope.yaml"

@@ -82,6 +82,8 @@ def build_engine(cfg: Config, groups: ProcessGroups, model: nn.Module | None = N
         dist_init_required=False,
     )
     _record_fp32_grad_norm(ds)
+    if cfg.train.compile:
+        ds.compile()  # lazy: the first forward compiles the whole model into one graph
     return Engine(ds=ds, pipeline=pipeline, module=model)
 
 

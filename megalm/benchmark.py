@@ -1,0 +1,140 @@
+"""Measure training steps of a config: tokens/s, step time, TFLOP/s, MFU (both conventions), peak
+memory and data waiting, optionally against a same-shaped transformers Llama run interleaved step
+by step in the same process (the machine may be shared and noisy: compare ratios, not seconds).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megalm.config import Config
+from megalm.model.flops import flops_per_token_megatron, flops_per_token_palm
+from megalm.parallel.dims import ParallelDims
+from megalm.parallel.groups import build_process_groups, init_distributed
+from megalm.training.engine import build_engine, device_type, init_deepspeed_runtime
+from megalm.training.loop import Run, train_step
+from megalm.training.metrics import MetricsLogger, Throughput, device_peak_tflops, memory_gib
+
+
+def synthetic_batches(cfg: Config, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless random (tokens, labels) micro-batches: measures the model, not the data pipeline."""
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    shape = (cfg.train.micro_batch_size, cfg.data.seq_len + 1)
+    while True:
+        x = torch.randint(0, cfg.model.vocab_size, shape, generator=g)
+        yield x[:, :-1].to(device), x[:, 1:].to(device)
+
+
+def measured_peak_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int = 2048) -> float:
+    """Achieved TFLOP/s of a large square matmul: a stand-in peak where no datasheet value is known."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    t0, reps = time.perf_counter(), 5
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def setup_run(cfg: Config) -> Run:
+    launch = init_distributed(timeout_minutes=cfg.parallel.init_timeout_minutes)
+    cfg.validate(launch.world_size)
+    dims = ParallelDims.from_world(launch.world_size, tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline)
+    groups = build_process_groups(dims)
+    init_deepspeed_runtime(cfg.parallel.init_timeout_minutes)
+    torch.manual_seed(cfg.train.seed)
+    engine = build_engine(cfg, groups)
+    device = torch.device("cuda", torch.cuda.current_device()) if device_type() == "cuda" else torch.device("cpu")
+    throughput = Throughput(flops_per_token_palm(cfg.model, cfg.data.seq_len),
+                            flops_per_token_megatron(cfg.model, cfg.data.seq_len), dims.world_size, 0.0)
+    logger = MetricsLogger(Path(cfg.train.run_dir), enabled=False)
+    return Run(cfg, groups, engine, None, logger, throughput, device)
+
+
+def hf_step_fn(cfg: Config, compile_model: bool) -> Callable[[tuple[torch.Tensor, torch.Tensor]], float]:
+    """A plain PyTorch training step of transformers' LlamaForCausalLM with the same shape:
+    bf16 autocast (when the run is bf16), AdamW, gradient clipping."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    m = cfg.model
+    hf_cfg = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
+                         num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+                         num_key_value_heads=m.num_kv_heads, max_position_embeddings=m.max_seq_len,
+                         rms_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings)
+    hf_cfg._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(hf_cfg).to(device_type())
+    model.train()
+    forward = torch.compile(model) if compile_model else model
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, fused=True)
+    autocast = cfg.train.precision == "bf16"
+
+    def step(batch: tuple[torch.Tensor, torch.Tensor]) -> float:
+        tokens, labels = batch
+        with torch.autocast(device_type(), dtype=torch.bfloat16, enabled=autocast):
+            logits = forward(input_ids=tokens).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def benchmark(cfg: Config, *, steps: int, warmup: int, compare_hf: str | None, peak_tflops: float) -> dict:
+    """Run warmup + steps training steps (interleaved with the transformers step when asked)."""
+    run = setup_run(cfg)
+    batches = synthetic_batches(cfg, run.device)
+    hf = hf_step_fn(cfg, compile_model=compare_hf == "compiled") if compare_hf else None
+    times, hf_times, waits, losses = [], [], [], []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        loss, wait = train_step(run, batches)
+        seconds = time.perf_counter() - t0
+        if hf is not None:
+            t1 = time.perf_counter()
+            hf(next(batches))
+            hf_seconds = time.perf_counter() - t1
+        if i >= warmup:
+            times.append(seconds)
+            waits.append(wait)
+            losses.append(loss)
+            if hf is not None:
+                hf_times.append(hf_seconds)
+    return _report(cfg, run, times, waits, hf_times, losses, compare_hf, peak_tflops)
+
+
+def _report(cfg: Config, run: Run, times: list[float], waits: list[float], hf_times: list[float],
+            losses: list[float], compare_hf: str | None, peak_tflops: float) -> dict:
+    tokens = cfg.train.global_batch_size * cfg.data.seq_len
+    median = statistics.median(times)
+    peak = device_peak_tflops(peak_tflops) or measured_peak_tflops(run.device)
+    out = {
+        "config": {"hidden_size": cfg.model.hidden_size, "num_layers": cfg.model.num_layers,
+                   "vocab_size": cfg.model.vocab_size, "seq_len": cfg.data.seq_len,
+                   "micro_batch_size": cfg.train.micro_batch_size, "precision": cfg.train.precision,
+                   "compile": cfg.train.compile, "world_size": run.groups.dims.world_size},
+        "steps": len(times), "median_step_s": median, "tokens_per_s": tokens / median,
+        "peak_tflops": peak, "peak_source": "given or datasheet" if device_peak_tflops(peak_tflops) else "measured matmul",
+        "data_wait_fraction": sum(waits) / sum(times), "peak_mem_gib": memory_gib(), "final_loss": losses[-1],
+    }
+    m = Throughput(run.throughput.flops_per_token, run.throughput.flops_per_token_megatron,
+                   run.groups.dims.world_size, peak).step_metrics(tokens, median)
+    out.update({k: m[k] for k in ("tflops", "tflops_megatron", "mfu", "mfu_megatron")})
+    if hf_times:
+        hf_median = statistics.median(hf_times)
+        out["hf"] = {"variant": compare_hf, "median_step_s": hf_median, "tokens_per_s": tokens / hf_median}
+        out["speedup_vs_hf"] = hf_median / median
+    if dist.is_initialized():
+        dist.barrier()
+    return out
