@@ -97,6 +97,22 @@ def test_scancel_usr1_checkpoints_and_requeued_job_resumes(slurm, byte_shards, t
     assert resumed and 3 <= int(resumed[2]) < 400
 
 
+def test_sbatch_deepspeed_launcher_per_node(slurm, byte_shards, tmp_path):
+    run_dir = tmp_path / "ds"
+    out = subprocess.run(
+        ["sbatch", "--parsable", f"--output={run_dir}.slurm-%j.log", "--nodes=2",
+         "launchers/slurm/train_deepspeed.sbatch", f"data.train_prefixes=[{byte_shards}]", *TRAIN],
+        cwd=REPO, env=train_env(**slurm, RUN_DIR=str(run_dir), GPUS_PER_NODE="1"),
+        capture_output=True, text=True, check=True,
+    )
+    job = out.stdout.strip()
+    assert wait_job(slurm, job) == "COMPLETED 0:0", job_log(run_dir, job)
+    log = job_log(run_dir, job)
+    assert ranks_seen(log) == {0: (2, 0, "torchrun"), 1: (2, 0, "torchrun")}, log
+    assert {host for *_, host in RANK_LINE.findall(log)} == {"ci-node1", "ci-node2"}
+    assert (run_dir / "checkpoints" / "latest").read_text() == "global_step6"
+
+
 def test_mpirun_two_ranks(byte_shards, tmp_path):
     run_dir = tmp_path / "mpi"
     r = subprocess.run(
