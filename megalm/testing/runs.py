@@ -12,8 +12,10 @@ TINY = str(REPO / "configs" / "tiny.yaml")
 
 def train_env(**extra: str) -> dict[str, str]:
     """The environment of a launched run: CPU accelerator, one thread, gloo over loopback."""
-    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
-                PYTHONPATH=str(REPO), **extra)
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONPATH=str(REPO))
+    env.update(extra)
+    return env
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

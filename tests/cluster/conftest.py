@@ -18,7 +18,8 @@ def slurm(tmp_path_factory: pytest.TempPathFactory):
     if os.geteuid() != 0 or not shutil.which("slurmctld"):
         pytest.fail("the cluster tests need root and Debian's slurmctld/slurmd/munge (.ci/run installs them)")
     root = tmp_path_factory.mktemp("slurm")
-    env = dict(os.environ, SLURM_CI_ROOT=str(root), SLURM_CI_MPI="0")
+    # CPUs per fake node given explicitly: `nproc` (the script's default) honours OMP_NUM_THREADS=1
+    env = dict(os.environ, SLURM_CI_ROOT=str(root), SLURM_CI_MPI="0", SLURM_CI_CPUS=str(max(2, os.cpu_count() or 2)))
     script = str(HERE / "slurm_ci.sh")
     up = subprocess.run(["bash", script, "up"], env=env, capture_output=True, text=True, timeout=180)
     try:

@@ -29,8 +29,9 @@ def sbatch(slurm: dict, run_dir: Path, sbatch_args: list[str], overrides: list[s
     out = subprocess.run(
         ["sbatch", "--parsable", f"--output={run_dir}.slurm-%j.log", *sbatch_args,
          "launchers/slurm/train.sbatch", *overrides],
-        cwd=REPO, env=train_env(**slurm, RUN_DIR=str(run_dir)), capture_output=True, text=True, check=True,
+        cwd=REPO, env=train_env(**slurm, RUN_DIR=str(run_dir)), capture_output=True, text=True,
     )
+    assert out.returncode == 0, out.stderr
     return out.stdout.strip().split(";")[0]
 
 
@@ -128,14 +129,15 @@ def test_mpirun_two_ranks(byte_shards, tmp_path):
 def test_mpi4py_agrees_with_discovery():
     code = ("from mpi4py import MPI; from megalm.parallel.launch_env import discover; e = discover(); "
             "c = MPI.COMM_WORLD; assert (e.rank, e.world_size) == (c.Get_rank(), c.Get_size()), e; "
-            "print('ok', e.rank, e.world_size)")
+            "import sys; sys.stdout.write(f'ok {e.rank} {e.world_size}\\n')")  # one write: ranks share a pty
     r = subprocess.run(
-        ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "--mca", "btl", "self,vader",
+        ["mpirun", "--allow-run-as-root", "--oversubscribe", "--tag-output", "-np", "2", "--mca", "btl", "self,vader",
          "--mca", "oob_tcp_if_include", "lo", "python", "-c", code],
         cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=120,
     )
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert sorted(r.stdout.split("\n")[:2]) == ["ok 0 2", "ok 1 2"]
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    # --tag-output: mpirun prefixes each rank's lines ([1,R]<stdout>:) instead of interleaving them
+    assert sorted(re.findall(r"ok \d \d$", r.stdout, re.M)) == ["ok 0 2", "ok 1 2"], r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
