@@ -45,10 +45,10 @@ from megalm.parallel.random import TensorParallelRNG, init_generator, maybe_fork
 def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
     """A copy with derived values filled in (num_kv_heads, ffn_hidden_size, tie_embeddings), as
     Config.validate() does; for building a model from a bare ModelConfig (tests, conversion)."""
-    from megalm.config import _validate_model
+    from megalm.config_validation import validate_model
 
     cfg = copy.deepcopy(cfg)
-    _validate_model(cfg)
+    validate_model(cfg)
     return cfg
 
 

@@ -1,0 +1,182 @@
+"""Consistency checks and derived values of a Config (called by Config.validate).
+
+Each check raises a MegalmError whose message names the keys and the fix. Derived values (data
+parallel size, gradient accumulation, steps from tokens, model defaults, cache directory) are
+written into the config, so the resolved config is complete and validate() is idempotent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from megalm.config import Config, ModelConfig
+from megalm.errors import MegalmError
+
+
+def validate_config(cfg: Config, world_size: int) -> None:
+    validate_model(cfg.model)
+    _validate_parallel(cfg, world_size)
+    _validate_batch(cfg, world_size)
+    _validate_rest(cfg)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise MegalmError(message)
+
+
+def validate_model(m: ModelConfig) -> None:
+    """Fill the model's derived defaults (kv heads, MLP width, tying) and check its shape."""
+    for key in ("hidden_size", "num_layers", "num_heads", "vocab_size", "max_seq_len"):
+        _check(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
+    _check(m.make_vocab_size_divisible_by > 0, "model.make_vocab_size_divisible_by must be positive")
+    _check(
+        m.hidden_size % m.num_heads == 0,
+        f"model.hidden_size ({m.hidden_size}) must divide by model.num_heads ({m.num_heads})",
+    )
+    if m.num_kv_heads is None:
+        m.num_kv_heads = m.num_heads
+    _check(
+        0 < m.num_kv_heads <= m.num_heads and m.num_heads % m.num_kv_heads == 0,
+        f"model.num_heads ({m.num_heads}) must be a multiple of model.num_kv_heads ({m.num_kv_heads})",
+    )
+    if m.arch == "llama":
+        _check((m.hidden_size // m.num_heads) % 2 == 0, "llama needs an even head dimension for RoPE")
+    if m.ffn_hidden_size is None:
+        m.ffn_hidden_size = 4 * m.hidden_size if m.arch == "gpt2" else _llama_ffn(m.hidden_size)
+    _check(m.ffn_hidden_size > 0, "model.ffn_hidden_size must be positive")
+    if m.tie_embeddings is None:
+        m.tie_embeddings = m.arch == "gpt2"
+    _check(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
+    _check(m.init_std > 0, "model.init_std must be positive")
+
+
+def _llama_ffn(hidden_size: int, multiple_of: int = 256) -> int:
+    """Llama's SwiGLU width: 2/3 of 4d, rounded up to a multiple (keeps FLOPs of a 4d GELU MLP)."""
+    return multiple_of * ceil_div(int(8 * hidden_size / 3), multiple_of)
+
+
+def _validate_parallel(cfg: Config, world_size: int) -> None:
+    from megalm.parallel.dims import ParallelDims
+
+    p, m = cfg.parallel, cfg.model
+    ParallelDims.from_world(world_size, tensor=p.tensor, pipeline=p.pipeline)
+    t = p.tensor
+    _check(m.num_heads % t == 0, f"model.num_heads ({m.num_heads}) must divide by parallel.tensor ({t})")
+    _check(
+        m.num_kv_heads % t == 0,
+        f"model.num_kv_heads ({m.num_kv_heads}) must divide by parallel.tensor ({t}): "
+        f"use a tensor size that divides the kv heads, or more kv heads",
+    )
+    _check(
+        m.ffn_hidden_size % t == 0,
+        f"model.ffn_hidden_size ({m.ffn_hidden_size}) must divide by parallel.tensor ({t})",
+    )
+    _check(
+        p.pipeline <= m.num_layers,
+        f"parallel.pipeline ({p.pipeline}) exceeds model.num_layers ({m.num_layers})",
+    )
+    z = cfg.zero
+    if p.pipeline > 1:
+        _check(
+            z.stage <= 1,
+            f"zero.stage={z.stage} with parallel.pipeline={p.pipeline}: DeepSpeed's pipeline engine "
+            "supports ZeRO 0 and 1 only; set zero.stage=1",
+        )
+        _check(
+            not (z.stage == 0 and cfg.train.precision == "bf16"),
+            "bf16 pipeline with zero.stage=0 trains but its checkpoints fail to reload in DeepSpeed; "
+            "set zero.stage=1",
+        )
+    _check(not (z.offload_optimizer and z.stage == 0), "zero.offload_optimizer needs zero.stage >= 1")
+
+
+def _validate_batch(cfg: Config, world_size: int) -> None:
+    t, d, m = cfg.train, cfg.data, cfg.model
+    dp = world_size // (cfg.parallel.tensor * cfg.parallel.pipeline)
+    if d.seq_len is None:
+        d.seq_len = m.max_seq_len
+    _check(0 < d.seq_len <= m.max_seq_len, f"data.seq_len ({d.seq_len}) must be in 1..model.max_seq_len ({m.max_seq_len})")
+    if cfg.parallel.sequence_parallel:
+        _check(
+            d.seq_len % cfg.parallel.tensor == 0,
+            f"sequence parallelism needs data.seq_len ({d.seq_len}) divisible by parallel.tensor",
+        )
+    _check(t.micro_batch_size > 0, "train.micro_batch_size must be positive")
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size is None:
+        t.global_batch_size = per_step * (t.grad_accum_steps or 1)
+    _check(
+        t.global_batch_size > 0 and t.global_batch_size % per_step == 0,
+        f"train.global_batch_size ({t.global_batch_size}) must be a multiple of micro_batch_size x "
+        f"data-parallel size = {t.micro_batch_size} x {dp} = {per_step}",
+    )
+    accum = t.global_batch_size // per_step
+    _check(
+        t.grad_accum_steps in (None, accum),
+        f"train.grad_accum_steps ({t.grad_accum_steps}) disagrees with global_batch_size / "
+        f"(micro_batch_size x data parallel) = {t.global_batch_size} / {per_step} = {accum}; "
+        "set only one of them",
+    )
+    t.grad_accum_steps = accum
+    _check(t.steps >= 0 and t.tokens >= 0, "train.steps and train.tokens must not be negative")
+    _check(t.steps > 0 or t.tokens > 0, "set train.steps or train.tokens to a positive number")
+    if t.tokens > 0:
+        steps = ceil_div(t.tokens, t.global_batch_size * d.seq_len)
+        _check(
+            t.steps in (0, steps),
+            f"train.steps ({t.steps}) disagrees with train.tokens ({t.tokens}) = {steps} steps; set one",
+        )
+        t.steps = steps
+
+
+def _validate_rest(cfg: Config) -> None:
+    t, s, d, o = cfg.train, cfg.schedule, cfg.data, cfg.optimizer
+    _check(0 <= s.warmup_steps <= t.steps, f"schedule.warmup_steps ({s.warmup_steps}) must be in 0..train.steps")
+    if s.decay_steps is None:
+        s.decay_steps = t.steps - s.warmup_steps if s.kind != "wsd" else max(1, t.steps // 5)
+    _check(s.decay_steps >= 0, "schedule.decay_steps must not be negative")
+    if s.kind == "wsd":
+        _check(
+            s.warmup_steps + s.decay_steps <= t.steps,
+            f"schedule: warmup_steps + decay_steps ({s.warmup_steps} + {s.decay_steps}) exceed train.steps ({t.steps})",
+        )
+    _check(0 <= o.min_lr <= o.lr, f"optimizer.min_lr ({o.min_lr}) must be in 0..optimizer.lr ({o.lr})")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas must be two numbers in [0, 1)")
+    _check(o.grad_clip >= 0 and o.weight_decay >= 0, "optimizer.grad_clip and weight_decay must not be negative")
+    if d.tokenizer_type != "byte":
+        _check(bool(d.tokenizer_model), f"data.tokenizer_type={d.tokenizer_type} needs data.tokenizer_model")
+    parse_split(d.split)
+    for i, entry in enumerate(d.train_prefixes):
+        ok = isinstance(entry, str) or (
+            isinstance(entry, list) and len(entry) == 2
+            and isinstance(entry[0], (int, float)) and entry[0] > 0 and isinstance(entry[1], str)
+        )
+        _check(ok, f"data.train_prefixes[{i}] must be a prefix or a [weight, prefix] pair, got {entry!r}")
+    if not d.cache_dir:
+        d.cache_dir = str(Path(t.run_dir) / "data_cache")
+    _check(d.num_workers >= 0, "data.num_workers must not be negative")
+    for key in ("log_interval", "eval_steps", "max_nonfinite_steps"):
+        _check(getattr(t, key) > 0, f"train.{key} must be positive")
+    _check(t.eval_interval >= 0, "train.eval_interval must not be negative")
+    c = cfg.checkpoint
+    _check(c.interval >= 0 and c.keep_last >= 0, "checkpoint.interval and keep_last must not be negative")
+    _check(cfg.logging.peak_tflops >= 0, "logging.peak_tflops must not be negative")
+
+
+def parse_split(split: str) -> list[float]:
+    """'98,1,1' -> [0.98, 0.01, 0.01] (train, validation, test fractions)."""
+    try:
+        parts = [float(x) for x in split.replace("/", ",").split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) == 2:
+        parts.append(0.0)
+    if len(parts) != 3 or any(x < 0 for x in parts) or sum(parts) <= 0:
+        raise MegalmError(f"data.split must be three non-negative weights like '98,1,1', got '{split}'")
+    total = sum(parts)
+    return [x / total for x in parts]
