@@ -69,7 +69,7 @@ class TrainData:
         return cls(cfg, groups, tokenizer, train, valid)
 
     def _batches(self, dataset: Any, consumed: int, record: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        from megalm.data.sampler import MegatronPretrainingSampler, collate
+        from megalm.data.sampler import MegatronPretrainingSampler, build_dataloader
 
         if dataset is None or len(dataset) == 0:
             raise MegalmError("the validation split is empty: give it documents (data.split) or set "
@@ -80,11 +80,7 @@ class TrainData:
             data_rank=self.groups.data_rank, data_size=self.groups.dims.data,
         )
         recorder = _RecordingSampler(sampler) if record else None
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=recorder or sampler, collate_fn=collate,
-            num_workers=self.cfg.data.num_workers, persistent_workers=False,
-            prefetch_factor=4 if self.cfg.data.num_workers else None,
-        )
+        loader = build_dataloader(dataset, recorder or sampler, self.cfg.data.num_workers)
         for batch in loader:
             if recorder is not None:
                 self._record(recorder.yielded.popleft())

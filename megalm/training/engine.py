@@ -44,9 +44,8 @@ def init_deepspeed_runtime(timeout_minutes: float) -> None:
 class Engine:
     """The DeepSpeed engine with what the loop needs beside it."""
 
-    ds: Any  # deepspeed.DeepSpeedEngine or deepspeed.pipe.PipelineEngine
+    ds: Any  # deepspeed.DeepSpeedEngine or deepspeed.pipe.PipelineEngine (the model is ds.module)
     pipeline: bool
-    module: nn.Module
 
 
 def build_model(cfg: Config, groups: ProcessGroups) -> nn.Module:
@@ -84,7 +83,7 @@ def build_engine(cfg: Config, groups: ProcessGroups, model: nn.Module | None = N
     _record_fp32_grad_norm(ds)
     if cfg.train.compile:
         ds.compile()  # lazy: the first forward compiles the whole model into one graph
-    return Engine(ds=ds, pipeline=pipeline, module=model)
+    return Engine(ds=ds, pipeline=pipeline)
 
 
 def _record_fp32_grad_norm(ds: Any) -> None:
