@@ -62,6 +62,9 @@ class ModelConfig:
     """Dropout on attention probabilities and residual branches (pretraining usually uses 0)."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in the backward pass instead of storing its activations."""
+    loss_chunk_tokens: int = 1024
+    """Fused output layer + cross entropy, this many tokens at a time: the logits of a whole micro
+    batch (and their fp32 softmax) never exist. 0: compute all the logits, then the loss."""
 
 
 @dataclass(kw_only=True)

@@ -149,13 +149,19 @@ def activation_bytes_per_token(m: ModelConfig, precision: str, tensor: int, sequ
     return sharded / tensor + seq_sharded / (tensor if sequence_parallel else 1) + e * 2 * d
 
 
-def head_bytes_per_token(m: ModelConfig, precision: str, tensor: int, sequence_parallel: bool) -> float:
-    """The last stage's extra per token: the final norm's input (fp32 for RMSNorm), the head's
-    gathered input (e d) and the vocab-sharded logits (e) with their fp32 softmax (4) per entry."""
+def head_bytes(m: ModelConfig, precision: str, tensor: int, sequence_parallel: bool, tokens: int) -> float:
+    """The last stage's extra for one micro batch of `tokens`: per token the final norm's input
+    (fp32 for RMSNorm) and the head's gathered input (e d); then, unfused, the vocab-sharded logits
+    (e) with their fp32 softmax (4) per entry; fused (model.loss_chunk_tokens > 0), the hidden
+    gradient (e d) per token, one chunk's logits, fp32 logits and fp32 gradient, and the fp32
+    weight gradient (4 V d) kept from forward to backward."""
     e, d = WEIGHT_BYTES[precision], m.hidden_size
     norm = (4 if m.arch == "llama" else e) * d / (tensor if sequence_parallel else 1)
     vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tensor) // tensor
-    return norm + e * d + (e + 4) * vocab
+    if m.loss_chunk_tokens <= 0:
+        return (norm + e * d + (e + 4) * vocab) * tokens
+    chunk = min(m.loss_chunk_tokens, tokens)
+    return (norm + 2 * e * d) * tokens + (e + 8) * vocab * chunk + 4 * vocab * d
 
 
 @dataclass(frozen=True)
@@ -186,7 +192,7 @@ def stage_activations(cfg: Config, blocks: int, in_flight: int, last: bool, chec
     else:
         total = in_flight * blocks * per_block
     if last:
-        total += head_bytes_per_token(m, prec, t, sp) * tokens
+        total += head_bytes(m, prec, t, sp, tokens)
     return int(total)
 
 

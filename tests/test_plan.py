@@ -3,6 +3,7 @@ model-state bytes against what a real DeepSpeed engine allocates for the tiny co
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from megalm.model.flops import count_parameters, flops_per_token_megatron, flops
 from megalm.model.gpt import resolve_model_config
 from megalm.plan import (
     activation_bytes_per_token,
+    head_bytes,
     layer_parameters,
     make_plan,
     model_state_bytes,
@@ -161,3 +163,15 @@ def test_activation_formula_matches_saved_tensors_of_a_real_block(arch, precisio
     # with activation checkpointing a block keeps only its input until the backward recomputes it
     measured_ckpt, _ = _saved_bytes_per_token(arch, precision, checkpointing=True)
     assert measured_ckpt == {"fp32": 4, "bf16": 2}[precision] * m.hidden_size
+
+
+def test_fused_loss_holds_one_chunk_of_logits_not_the_micro_batch():
+    m = load_config(ROOT / "configs" / "llama-7b.yaml").model
+    m = resolve_model_config(m)
+    tokens = 4 * 4096
+    unfused = head_bytes(dataclasses.replace(m, loss_chunk_tokens=0), "bf16", 1, False, tokens)
+    fused = head_bytes(m, "bf16", 1, False, tokens)
+    assert unfused == (4 * 4096 + 2 * 4096 + 6 * 32000) * tokens  # the logits and their fp32 softmax
+    chunk = m.loss_chunk_tokens
+    assert fused == (4 * 4096 + 4 * 4096) * tokens + 10 * 32000 * chunk + 4 * 32000 * 4096
+    assert fused < unfused / 2

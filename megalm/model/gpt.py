@@ -24,10 +24,11 @@ from torch.utils.checkpoint import checkpoint
 from megalm.config import ModelConfig
 from megalm.errors import MegalmError
 from megalm.model.layers import MLP, Attention, KVCache, build_norm
-from megalm.parallel.cross_entropy import IGNORE_INDEX, vocab_parallel_cross_entropy
+from megalm.parallel.cross_entropy import IGNORE_INDEX, linear_cross_entropy, vocab_parallel_cross_entropy
 from megalm.parallel.layers import (
     ColumnParallelLinear,
     VocabParallelEmbedding,
+    column_parallel_input,
     column_parallel_matmul,
     mark_replicated,
     padded_vocab_size,
@@ -188,6 +189,7 @@ class Head(nn.Module):
 
     def __init__(
         self, cfg: ModelConfig, *, tp_group: dist.ProcessGroup | None, sequence_parallel: bool = False, seed: int,
+        pass_hidden: bool = False,
     ) -> None:
         super().__init__()
         init = normal_init(cfg.init_std, init_generator(seed, "head"), rows=cfg.vocab_size)
@@ -195,9 +197,36 @@ class Head(nn.Module):
             cfg.hidden_size, padded_vocab(cfg, tp_group), group=tp_group, init_method=init,
             sequence_parallel=sequence_parallel,
         )
+        self.pass_hidden = pass_hidden  # a pipeline's last layer whose loss_fn is a HeadLoss
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.linear.weight
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.linear(h)
+        return h if self.pass_hidden else self.linear(h)
+
+
+def head_loss(
+    h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, cfg: ModelConfig,
+    tp_group: dist.ProcessGroup | None, sequence_parallel: bool,
+) -> torch.Tensor:
+    """Mean loss of the output layer `weight` (V_pad / p, d) on the final hidden states, fused with
+    the cross entropy cfg.loss_chunk_tokens tokens at a time (the logits never exist whole)."""
+    x = column_parallel_input(h, tp_group, sequence_parallel)
+    return linear_cross_entropy(x, weight, labels, tp_group, cfg.vocab_size, IGNORE_INDEX, cfg.loss_chunk_tokens)
+
+
+class HeadLoss:
+    """loss_fn(h, labels) of a pipeline whose last layer passes the final hidden states through:
+    `owner` (the last stage's Head or tied embedding copy) holds the output weight."""
+
+    def __init__(self, cfg: ModelConfig, owner: nn.Module, tp_group: dist.ProcessGroup | None,
+                 sequence_parallel: bool) -> None:
+        self.cfg, self.owner, self.tp_group, self.sequence_parallel = cfg, owner, tp_group, sequence_parallel
+
+    def __call__(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return head_loss(h, self.owner.weight, labels, self.cfg, self.tp_group, self.sequence_parallel)
 
 
 class GPTLoss:
@@ -213,8 +242,9 @@ class GPTLoss:
 class GPT(nn.Module):
     """Embedding -> num_layers x Block -> FinalNorm -> Head (or the tied embedding).
 
-    forward(tokens (batch, seq) int64, labels=None) -> mean loss when labels are given, else
-    vocab-sharded logits (batch, seq, V_pad / p). `logits_full` gathers the vocabulary and strips
+    forward(tokens (batch, seq) int64, labels=None) -> mean loss when labels are given (the output
+    layer fused with the cross entropy unless cfg.loss_chunk_tokens is 0), else vocab-sharded
+    logits (batch, seq, V_pad / p). `logits_full` gathers the vocabulary and strips
     the padding for generation. `tp_group=None`: no tensor parallelism. The dropout tracker
     `self.rng` is seeded from (seed, tensor rank); the default generator is the trainer's to seed.
     """
@@ -246,6 +276,9 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             h = block(h, start_pos, None if cache is None else cache[i])
         h = self.final_norm(h)
+        if labels is not None and self.cfg.loss_chunk_tokens > 0:
+            weight = self.embedding.weight if self.head is None else self.head.weight
+            return head_loss(h, weight, labels, self.cfg, self.tp_group, self.sequence_parallel)
         logits = self.embedding.logits(h) if self.head is None else self.head(h)
         return logits if labels is None else self.loss_fn(logits, labels)
 

@@ -10,6 +10,11 @@ Rank i holds z[:, V_i] for its vocabulary slice V_i. For a token with label y:
 
 Columns at or beyond `vocab_size` (the tensor-parallel padding) are set to -inf, so they take
 no probability and get zero gradient. Labels equal to `ignore_index` give no loss or gradient.
+
+`linear_cross_entropy` fuses the output layer into the loss: it walks the tokens in chunks, and
+for each chunk computes the logits, the loss and, in the same pass, the gradients of the hidden
+states and of the weight (the loss is a mean, so they only wait for a scalar in backward). The
+(batch, seq, V / p) logits and their fp32 softmax never exist whole: memory holds one chunk.
 """
 
 from __future__ import annotations
@@ -97,3 +102,96 @@ def vocab_parallel_cross_entropy(
     loss = vocab_parallel_cross_entropy_per_token(logits_shard, labels, group, vocab_size, ignore_index)
     count = (labels != ignore_index).sum().clamp(min=1)
     return loss.sum() / count
+
+
+def _chunk_loss(
+    z: torch.Tensor, labels: torch.Tensor, start: int, group: dist.ProcessGroup | None,
+    ignore_index: int, grad_scale: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(summed loss, d loss / d z or None) of one chunk of fp32 logits z (tokens, V / p), where
+    d loss / d z = (softmax - onehot(label)) * grad_scale (per token, 0 where ignored). Eager, z
+    is overwritten in place; under torch.compile the same formulas are written without mutation,
+    which inductor fuses into a few passes."""
+    m = z.amax(dim=-1)
+    _all_reduce(m, group, dist.ReduceOp.MAX)
+    ignored = labels == ignore_index
+    local = labels - start
+    mine = (local >= 0) & (local < z.size(-1)) & ~ignored
+    local = local.masked_fill(~mine, 0)
+    target = (torch.gather(z, -1, local.unsqueeze(-1)).squeeze(-1) - m).masked_fill(~mine, 0.0)
+    _all_reduce(target, group, dist.ReduceOp.SUM)
+    compiling = torch.compiler.is_compiling()
+    exp = torch.exp(z - m.unsqueeze(-1)) if compiling else z.sub_(m.unsqueeze(-1)).exp_()
+    sum_exp = exp.sum(dim=-1)
+    _all_reduce(sum_exp, group, dist.ReduceOp.SUM)
+    loss = (sum_exp.log() - target).masked_fill(ignored, 0.0).sum()
+    if grad_scale is None:
+        return loss, None
+    if compiling:
+        onehot = (torch.arange(z.size(-1), device=z.device) == local.unsqueeze(-1)) & mine.unsqueeze(-1)
+        return loss, (exp / sum_exp.unsqueeze(-1) - onehot.to(exp.dtype)) * grad_scale.unsqueeze(-1)
+    exp.mul_((grad_scale / sum_exp).unsqueeze(-1))
+    exp[torch.arange(z.size(0), device=z.device), local] -= grad_scale * mine
+    return loss, exp
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, labels, group, vocab_size, ignore_index, chunk, need_grad):  # noqa: D102
+        # h (tokens, d); weight (V_pad / p, d); labels (tokens,) int64. Returns the mean loss.
+        per_rank = weight.size(0)
+        start = group_rank(group) * per_rank
+        pad_from = None if vocab_size is None or start + per_rank <= vocab_size else max(vocab_size - start, 0)
+        valid = labels != ignore_index
+        count = valid.sum().clamp(min=1)
+        scale = valid.to(torch.float32) / count  # d mean / d token loss
+        grad_h = torch.empty_like(h) if need_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, h.size(0), chunk):
+            h_c = h[i:i + chunk]
+            z = (h_c @ weight.t()).float()
+            if pad_from is not None:
+                z[:, pad_from:] = float("-inf")  # padding columns: no probability, no gradient
+            loss, grad_z = _chunk_loss(z, labels[i:i + chunk], start, group, ignore_index,
+                                       scale[i:i + chunk] if need_grad else None)
+            total += loss
+            if need_grad:
+                g = grad_z.to(h.dtype)
+                torch.mm(g, weight, out=grad_h[i:i + chunk])
+                if g.dtype == torch.float32:
+                    grad_w.addmm_(g.t(), h_c)
+                else:
+                    grad_w += g.t() @ h_c  # low-precision product, summed over chunks in fp32
+        if need_grad:
+            ctx.save_for_backward(grad_h, grad_w)
+            ctx.weight_dtype = weight.dtype
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # noqa: D102
+        grad_h, grad_w = ctx.saved_tensors
+        grad_w = torch.mul(grad_w, grad_loss, out=torch.empty_like(grad_w, dtype=ctx.weight_dtype))
+        return grad_h * grad_loss.to(grad_h.dtype), grad_w, None, None, None, None, None, None
+
+
+def linear_cross_entropy(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    vocab_size: int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Mean cross entropy of the logits h W^T, computed `chunk` tokens at a time (fp32 scalar).
+
+    h: (batch, seq, d) hidden states already in the tensor region (copied in, or gathered from
+    sequence shards: the caller's mapping reduces the partial gradient); weight: (V_pad / p, d),
+    this rank's vocabulary rows; labels: (batch, seq). Equals
+    vocab_parallel_cross_entropy(h @ weight.T, labels, ...) without ever holding those logits.
+    """
+    need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return _LinearCrossEntropy.apply(
+        h.reshape(-1, h.size(-1)), weight, labels.reshape(-1), group, vocab_size, ignore_index, chunk, need_grad
+    )

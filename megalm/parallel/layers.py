@@ -106,6 +106,14 @@ def _divide(n: int, group: dist.ProcessGroup | None, what: str) -> int:
 # ----------------------------------------------------------------------------- linear layers
 
 
+def column_parallel_input(x: torch.Tensor, group: dist.ProcessGroup | None, sequence_parallel: bool) -> torch.Tensor:
+    """X entering a column-parallel layer: copied (backward: all-reduce of the partial gradients)
+    or, under sequence parallelism, all-gathered from its sequence shards (backward: reduce-scatter)."""
+    if sequence_parallel:
+        return gather_from_sequence_region(x, group, tensor_parallel_output_grad=True)
+    return copy_to_tensor_region(x, group)
+
+
 def column_parallel_matmul(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -115,13 +123,8 @@ def column_parallel_matmul(
     gather_output: bool = False,
 ) -> torch.Tensor:
     """Y_i = X A_i^T + b_i with this rank's rows A_i of A = [A_1; ...; A_p] (torch layout
-    (out, in)). X enters the region by copy (backward: all-reduce) or, under sequence
-    parallelism, by all-gather of the sequence shards (backward: reduce-scatter)."""
-    if sequence_parallel:
-        x = gather_from_sequence_region(x, group, tensor_parallel_output_grad=True)
-    else:
-        x = copy_to_tensor_region(x, group)
-    y = F.linear(x, weight, bias)  # (batch, seq, out / p)
+    (out, in)). X enters the region through column_parallel_input."""
+    y = F.linear(column_parallel_input(x, group, sequence_parallel), weight, bias)  # (batch, seq, out / p)
     return gather_from_tensor_region(y, group) if gather_output else y
 
 

@@ -1,8 +1,11 @@
 """GPT with tensor parallelism (sizes 1, 2, 4; sequence parallel on/off; llama and gpt2; padded
-vocab; GQA) equals the unsharded model: init exactly, logits, loss and every gradient within 1e-5.
+vocab; GQA; the fused chunked loss and the unfused one) equals the unsharded model computing all
+logits then the loss: init exactly, logits, loss and every gradient within 1e-5.
 
 Each rank builds the TP=1 reference (group None) with the same seed next to its shard, so one
 launch per world size checks many configurations."""
+
+import dataclasses
 
 import torch
 import torch.distributed as dist
@@ -55,7 +58,8 @@ def _one_case(cfg: ModelConfig, group, sequence_parallel: bool, seed: int = 11) 
     tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=g)
     labels = torch.randint(0, cfg.vocab_size, (2, 16), generator=g)
     labels[0, :3] = -100
-    model, ref = GPT(cfg, group, sequence_parallel, seed=seed), GPT(cfg, None, seed=seed)
+    unfused = dataclasses.replace(cfg, loss_chunk_tokens=0)
+    model, ref = GPT(cfg, group, sequence_parallel, seed=seed), GPT(unfused, None, seed=seed)
     loss, ref_loss = model(tokens, labels), ref(tokens, labels)
     loss.backward()
     ref_loss.backward()
@@ -111,13 +115,15 @@ def _run_cases(cases: list) -> dict:
 CASES_TP2 = [
     ("llama-v1001-gqa2", ("llama", 1001, 4, 2, False, {})),
     ("llama-v1001-gqa2-sp", ("llama", 1001, 4, 2, True, {})),
+    ("llama-v1001-sp-chunk5", ("llama", 1001, 4, 2, True, {"loss_chunk_tokens": 5})),
+    ("llama-v1001-unfused", ("llama", 1001, 4, 2, False, {"loss_chunk_tokens": 0})),
     ("llama-tied-ckpt-sp", ("llama", 1024, 4, 4, True, {"tie_embeddings": True, "activation_checkpointing": True})),
-    ("gpt2-v1024", ("gpt2", 1024, 4, 4, False, {})),
+    ("gpt2-v1024-chunk7", ("gpt2", 1024, 4, 4, False, {"loss_chunk_tokens": 7})),
     ("gpt2-v1001-sp", ("gpt2", 1001, 4, 4, True, {})),
 ]
 CASES_TP4 = [
     ("llama-v1001-gqa4", ("llama", 1001, 8, 4, False, {})),
-    ("llama-v1001-gqa4-sp", ("llama", 1001, 8, 4, True, {})),
+    ("llama-v1001-gqa4-sp-chunk9", ("llama", 1001, 8, 4, True, {"loss_chunk_tokens": 9})),
     ("gpt2-v1001-sp", ("gpt2", 1001, 4, 4, True, {})),
 ]
 
