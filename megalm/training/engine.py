@@ -69,7 +69,9 @@ def build_engine(cfg: Config, groups: ProcessGroups, model: nn.Module | None = N
         raise MegalmError("train.precision=fp16 needs a CUDA device (DeepSpeed's CPU accelerator has no "
                           "fp16); use bf16 or fp32 on CPU")
     model = model if model is not None else build_model(cfg, groups)
-    optimizer = build_optimizer(model, cfg.optimizer, device_type())
+    # ZeRO-0 bf16/fp16: DeepSpeed's mixed-precision wrapper skips a step with a non-finite gradient norm
+    ds_checks = cfg.zero.stage == 0 and cfg.train.precision != "fp32"
+    optimizer = build_optimizer(model, cfg.optimizer, device_type(), guard=not ds_checks)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.optimizer, cfg.train.steps)
     pipeline = cfg.parallel.pipeline > 1
     ds, _, _, _ = deepspeed.initialize(
@@ -81,6 +83,8 @@ def build_engine(cfg: Config, groups: ProcessGroups, model: nn.Module | None = N
         dist_init_required=False,
     )
     _record_fp32_grad_norm(ds)
+    if not pipeline and cfg.zero.stage == 0 and groups.dims.data == 1:
+        ds.enable_backward_allreduce = False  # one data rank: DeepSpeed would flatten and copy every gradient
     if cfg.train.compile:
         ds.compile()  # lazy: the first forward compiles the whole model into one graph
     return Engine(ds=ds, pipeline=pipeline)

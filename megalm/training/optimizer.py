@@ -49,8 +49,9 @@ def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
 class GuardedAdamW(torch.optim.AdamW):
     """torch AdamW that skips the whole update when any gradient on any rank is non-finite.
 
-    DeepSpeed's ZeRO and bf16 optimizers already skip such steps; the plain (ZeRO-0, fp32) path
-    hands gradients straight to this optimizer, so the check lives here. `overflow` is the
+    DeepSpeed's ZeRO-0 bf16/fp16 wrapper already skips such steps; the plain fp32 path hands
+    gradients straight to this optimizer and ZeRO's bf16 optimizer does not check, so the check
+    lives here (one fused norm over the gradients). `overflow` is the
     attribute DeepSpeed's engine reads to count a skipped step and hold the LR schedule.
     """
 
@@ -61,12 +62,10 @@ class GuardedAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch's signature
-        bad = torch.zeros(1)
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and not torch.isfinite(p.grad).all():
-                    bad.fill_(1.0)
-                    break
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        # one fused pass: the norm of the gradients is finite exactly when every entry is
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        bad = (~torch.isfinite(norm)).float().reshape(1)
         if dist.is_initialized():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.guard_group)
         self.overflow = bool(bad.item())
@@ -75,12 +74,18 @@ class GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device_type: str) -> torch.optim.Optimizer:
-    """DeepSpeed's FusedAdam on CUDA; a guarded torch AdamW elsewhere (nothing JIT-compiled)."""
+def build_optimizer(
+    model: nn.Module, cfg: OptimizerConfig, device_type: str, guard: bool = True
+) -> torch.optim.Optimizer:
+    """DeepSpeed's FusedAdam on CUDA; torch's fused AdamW elsewhere (nothing JIT-compiled),
+    guarded against non-finite gradients when `guard` (not needed under DeepSpeed's ZeRO-0
+    bf16/fp16 wrapper, which skips a step whose gradient norm is not finite)."""
     groups = param_groups(model, cfg)
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if device_type == "cuda":
         from deepspeed.ops.adam import FusedAdam
 
         return FusedAdam(groups, adam_w_mode=True, **kwargs)
-    return GuardedAdamW(groups, fused=True, **kwargs)  # torch's fused CPU AdamW: ~5x less optimizer time
+    if guard:
+        return GuardedAdamW(groups, fused=True, **kwargs)  # torch's fused CPU AdamW: ~5x less optimizer time
+    return torch.optim.AdamW(groups, fused=True, **kwargs)
