@@ -1,5 +1,6 @@
 """Measure training steps of a config: tokens/s, step time, TFLOP/s, MFU (both conventions), peak
-memory and data waiting, optionally against a same-shaped transformers Llama run interleaved step
+memory and data waiting (the trainer's real data pipeline when data.train_prefixes is set, else
+random tokens), optionally against a same-shaped transformers Llama run interleaved step
 by step in the same process (the machine may be shared and noisy: compare ratios, not seconds).
 """
 
@@ -60,9 +61,11 @@ def setup_run(cfg: Config) -> Run:
     return Run(cfg, groups, engine, None, logger, throughput, device)
 
 
-def hf_step_fn(cfg: Config, compile_model: bool) -> Callable[[tuple[torch.Tensor, torch.Tensor]], float]:
-    """A plain PyTorch training step of transformers' LlamaForCausalLM with the same shape:
-    bf16 autocast (when the run is bf16), AdamW, gradient clipping."""
+def hf_step_fn(cfg: Config, compile_model: bool, precision: str = "bf16") -> Callable[[tuple[torch.Tensor, torch.Tensor]], float]:
+    """A plain PyTorch training step of transformers' LlamaForCausalLM with the same shape, as its
+    users write it: the loss computed by the model from `labels` (so torch.compile fuses it too),
+    AdamW (torch's fused kernel), gradient clipping. precision (for a bf16 run): "bf16" casts the
+    model to bf16 (the faster peer here), "autocast" keeps fp32 weights under bf16 autocast."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     m = cfg.model
@@ -72,16 +75,20 @@ def hf_step_fn(cfg: Config, compile_model: bool) -> Callable[[tuple[torch.Tensor
                          rms_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings)
     hf_cfg._attn_implementation = "sdpa"
     model = LlamaForCausalLM(hf_cfg).to(device_type())
+    bf16 = cfg.train.precision == "bf16"
+    if bf16 and precision == "bf16":
+        model = model.to(torch.bfloat16)
     model.train()
     forward = torch.compile(model) if compile_model else model
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, fused=True)
-    autocast = cfg.train.precision == "bf16"
+    autocast = bf16 and precision == "autocast"
 
     def step(batch: tuple[torch.Tensor, torch.Tensor]) -> float:
         tokens, labels = batch
         with torch.autocast(device_type(), dtype=torch.bfloat16, enabled=autocast):
-            logits = forward(input_ids=tokens).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+            # shift_labels: the labels are already the next tokens (transformers would shift them)
+            labels = labels.contiguous()
+            loss = forward(input_ids=tokens, labels=labels, shift_labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
         opt.step()
@@ -91,19 +98,28 @@ def hf_step_fn(cfg: Config, compile_model: bool) -> Callable[[tuple[torch.Tensor
     return step
 
 
-def benchmark(cfg: Config, *, steps: int, warmup: int, compare_hf: str | None, peak_tflops: float) -> dict:
+def benchmark(cfg: Config, *, steps: int, warmup: int, compare_hf: str | None, peak_tflops: float,
+              hf_precision: str = "bf16") -> dict:
     """Run warmup + steps training steps (interleaved with the transformers step when asked)."""
+    # enough samples (and schedule) for every step taken, the transformers steps included
+    cfg.train.steps = max(cfg.train.steps, (warmup + steps) * (2 if compare_hf else 1))
     run = setup_run(cfg)
-    batches = synthetic_batches(cfg, run.device)
-    hf = hf_step_fn(cfg, compile_model=compare_hf == "compiled") if compare_hf else None
-    times, hf_times, waits, losses = [], [], [], []
+    if cfg.data.train_prefixes:  # the trainer's own pipeline: shards, sample index, DataLoader workers
+        from megalm.training.data import TrainData
+
+        run.data = TrainData.build(cfg, run.groups)
+        batches = run.data.train_batches(consumed_samples=0)
+    else:
+        batches = synthetic_batches(cfg, run.device)
+    hf = hf_step_fn(cfg, compare_hf == "compiled", hf_precision) if compare_hf else None
+    times, hf_times, waits, losses, hf_losses = [], [], [], [], []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
         loss, wait = train_step(run, batches)
         seconds = time.perf_counter() - t0
         if hf is not None:
             t1 = time.perf_counter()
-            hf(next(batches))
+            hf_loss = hf(next(batches))
             hf_seconds = time.perf_counter() - t1
         if i >= warmup:
             times.append(seconds)
@@ -111,7 +127,12 @@ def benchmark(cfg: Config, *, steps: int, warmup: int, compare_hf: str | None, p
             losses.append(loss)
             if hf is not None:
                 hf_times.append(hf_seconds)
-    return _report(cfg, run, times, waits, hf_times, losses, compare_hf, peak_tflops)
+                hf_losses.append(hf_loss)
+    result = _report(cfg, run, times, waits, hf_times, losses, compare_hf, peak_tflops)
+    if hf is not None:
+        result["hf"].update(precision=hf_precision if cfg.train.precision == "bf16" else cfg.train.precision,
+                            final_loss=hf_losses[-1])
+    return result
 
 
 def _report(cfg: Config, run: Run, times: list[float], waits: list[float], hf_times: list[float],
@@ -126,6 +147,7 @@ def _report(cfg: Config, run: Run, times: list[float], waits: list[float], hf_ti
                    "compile": cfg.train.compile, "world_size": run.groups.dims.world_size},
         "steps": len(times), "median_step_s": median, "tokens_per_s": tokens / median,
         "peak_tflops": peak, "peak_source": "given or datasheet" if device_peak_tflops(peak_tflops) else "measured matmul",
+        "data": "shards" if cfg.data.train_prefixes else "synthetic",
         "data_wait_fraction": sum(waits) / sum(times), "peak_mem_gib": memory_gib(), "final_loss": losses[-1],
     }
     m = Throughput(run.throughput.flops_per_token, run.throughput.flops_per_token_megatron,

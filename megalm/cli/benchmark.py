@@ -3,6 +3,7 @@ time, TFLOP/s, MFU in both conventions, peak memory, data waiting), optionally w
 transformers LlamaForCausalLM run interleaved step by step (`--compare-hf eager|compiled`).
 
     python tools/benchmark.py --config configs/bench-cpu.yaml --steps 10 --compare-hf compiled
+    python tools/benchmark.py --config configs/bench-cpu.yaml data.train_prefixes=[PREFIX]   # real data
     torchrun --nproc_per_node 8 tools/benchmark.py --config configs/llama-1b.yaml   # on GPUs
 """
 
@@ -21,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed first steps (compilation)")
     parser.add_argument("--compare-hf", choices=["eager", "compiled"], help="interleave transformers' Llama")
+    parser.add_argument("--hf-precision", choices=["bf16", "autocast"], default="bf16",
+                        help="for a bf16 run: the transformers model cast to bf16 (default, the faster peer "
+                        "here) or fp32 weights under bf16 autocast")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="per-device peak for MFU (default: "
                         "datasheet for A100/H100/H200, else a measured bf16 matmul)")
     parser.add_argument("--output", help="also write the JSON here")
@@ -35,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare_hf and discover().world_size != 1:
         raise MegalmError("--compare-hf runs in one process")
     result = benchmark(cfg, steps=args.steps, warmup=args.warmup, compare_hf=args.compare_hf,
-                       peak_tflops=args.peak_tflops)
+                       peak_tflops=args.peak_tflops, hf_precision=args.hf_precision)
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:

@@ -51,11 +51,12 @@ class MegatronPretrainingSampler:
 
 
 def collate(samples: list[np.ndarray]) -> tuple[Any, Any]:
-    """(tokens, labels) int64 tensors of shape (batch, seq_len): inputs [:, :-1], targets [:, 1:]."""
+    """(tokens, labels) int64 tensors of shape (batch, seq_len): inputs [:, :-1], targets [:, 1:],
+    two views of one (batch, seq_len + 1) tensor, so a worker hands over one shared buffer."""
     import torch
 
     batch = torch.from_numpy(np.stack(samples).astype(np.int64, copy=False))
-    return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+    return batch[:, :-1], batch[:, 1:]
 
 
 def build_dataloader(dataset: Any, sampler: MegatronPretrainingSampler, num_workers: int) -> Any:
