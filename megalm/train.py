@@ -46,9 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         sys.stdout.write(cfg.to_yaml())
         return 0
+    import torch.distributed as dist
+
     from megalm.training.loop import train
 
     train(cfg)
+    if dist.is_initialized():
+        dist.destroy_process_group()  # join the communication threads before the interpreter exits
     return 0
 
 
