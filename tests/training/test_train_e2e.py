@@ -84,3 +84,20 @@ def test_user_errors_at_start_are_one_line(byte_shards, tmp_path):
         last = r.stderr.strip().splitlines()[-1]
         assert last.startswith("error: ") and message in last, (overrides, last)
         assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_compiled_tp2_sequence_parallel_matches_eager(byte_shards, tmp_path):
+    # train.compile: dynamo traces the tensor-parallel mappings and the fused chunked loss
+    losses = {}
+    for compiled in (False, True):
+        run_dir = tmp_path / f"compile-{compiled}"
+        overrides = [f"data.train_prefixes=[{byte_shards}]", f"train.run_dir={run_dir}", "parallel.tensor=2",
+                     "parallel.sequence_parallel=true", "train.steps=3", "train.eval_interval=0",
+                     "checkpoint.save_at_end=false", "train.precision=fp32", "model.loss_chunk_tokens=100",
+                     "logging.tensorboard=false", f"train.compile={str(compiled).lower()}"]
+        run_distributed_test(_train_rank, 2, args=(TINY, overrides), env={"DS_ACCELERATOR": "cpu"}, timeout=600)
+        losses[compiled] = step_losses(run_dir)
+    assert sorted(losses[True]) == [1, 2, 3]
+    for step, loss in losses[False].items():
+        assert losses[True][step] == pytest.approx(loss, rel=1e-5), (step, losses)
