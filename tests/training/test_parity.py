@@ -31,6 +31,10 @@ def test_tensor_layouts_match_reference_vocab_divisible(byte_shards):
     reference = run_layout(REFERENCE, TINY, overrides)
     for layout in (Layout(tensor=2), Layout(tensor=2, pipeline=2), Layout(tensor=2, data=2, zero=3)):
         assert max_relative_difference(run_layout(layout, TINY, overrides), reference) <= FP32_RTOL, layout
+    # the pipeline's loss: logits then loss (unfused), and the fused loss in several chunks
+    for extra in ("model.loss_chunk_tokens=0", "model.loss_chunk_tokens=100"):
+        losses = run_layout(Layout(tensor=2, pipeline=2), TINY, [*overrides, extra])
+        assert max_relative_difference(losses, reference) <= FP32_RTOL, extra
 
 
 @pytest.mark.slow
