@@ -45,3 +45,14 @@ def test_bf16_layouts_within_stated_tolerance(byte_shards):
     assert max_relative_difference(reference, fp32) <= BF16_RTOL
     for layout in (Layout(data=2, zero=2), Layout(tensor=2), Layout(pipeline=2)):
         assert max_relative_difference(run_layout(layout, TINY, overrides), reference) <= BF16_RTOL, layout
+
+
+@pytest.mark.slow
+def test_zero3_partitioned_head_with_fused_loss_matches_reference(byte_shards):
+    # a 4096 x 64 head is above ZeRO-3's persistence threshold (1e5 elements), so it is partitioned
+    # and gathered when the fused loss reads it outside the Head's own forward
+    for tie in ("false", "true"):
+        overrides = base(byte_shards, "model.vocab_size=4096", f"model.tie_embeddings={tie}")
+        reference = run_layout(REFERENCE, TINY, [*overrides, "model.loss_chunk_tokens=0"])
+        losses = run_layout(Layout(data=2, zero=3), TINY, [*overrides, "model.loss_chunk_tokens=100"])
+        assert max_relative_difference(losses, reference) <= FP32_RTOL, tie
