@@ -51,7 +51,7 @@ def test_benchmark_rejects_bad_arguments():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_path_bf16_fused_adam_flash_sdpa():
-    # FusedAdam, NCCL, bf16 and the flash SDPA kernel on one GPU; MFU against the datasheet peak
+    # fused AdamW, NCCL, bf16 and the flash SDPA kernel on one GPU; MFU against the datasheet peak
     out = run_benchmark("--config", str(REPO / "configs" / "bench-gpu-1b.yaml"), "--steps", "5", "--warmup", "3",
                         timeout=1800)
     assert out["peak_source"] == "given or datasheet" and out["mfu"] > 0.2

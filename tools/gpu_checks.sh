@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 9, as one short script for a lent GPU machine (one device):
-# the gpu-marked tests (CUDA paths: FusedAdam, NCCL, bf16, flash SDPA), then the 1B preset's MFU.
+# the gpu-marked tests (CUDA paths: fused AdamW, NCCL, bf16, flash SDPA), then the 1B preset's MFU.
 # Writes $OUT/gpu_tests.log and $OUT/bench-gpu-1b.json (OUT defaults to runs/gpu-checks).
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -1,7 +1,8 @@
 """Build the DeepSpeed engine: runtime set-up, model (plain or pipeline), optimizer, schedule.
 
-On CPU nothing is JIT-compiled: the shared-memory all-reduce op is switched off, the optimizer is a
-torch AdamW passed as an object (DeepSpeed would otherwise build FusedAdam / cpu_adam).
+Nothing is JIT-compiled: the optimizer is torch's fused AdamW passed as an object (DeepSpeed would
+otherwise build FusedAdam / cpu_adam with a compiler), and on CPU the shared-memory all-reduce op
+is switched off.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def build_engine(cfg: Config, groups: ProcessGroups, model: nn.Module | None = N
     model = model if model is not None else build_model(cfg, groups)
     # ZeRO-0 bf16/fp16: DeepSpeed's mixed-precision wrapper skips a step with a non-finite gradient norm
     ds_checks = cfg.zero.stage == 0 and cfg.train.precision != "fp32"
-    optimizer = build_optimizer(model, cfg.optimizer, device_type(), guard=not ds_checks)
+    optimizer = build_optimizer(model, cfg.optimizer, guard=not ds_checks)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.optimizer, cfg.train.steps)
     pipeline = cfg.parallel.pipeline > 1
     ds, _, _, _ = deepspeed.initialize(
