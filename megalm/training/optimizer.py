@@ -46,6 +46,13 @@ def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def _communication_device(group: dist.ProcessGroup | None) -> torch.device:
+    """Where a tensor all-reduced over `group` must live: the GPU for NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 class GuardedAdamW(torch.optim.AdamW):
     """torch AdamW that skips the whole update when any gradient on any rank is non-finite.
 
@@ -63,10 +70,9 @@ class GuardedAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch's signature
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        # one fused pass: the norm of the gradients is finite exactly when every entry is
-        device = self.param_groups[0]["params"][0].device
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
-        bad = (~torch.isfinite(norm)).float().reshape(1)
+        bad = torch.zeros(1, device=_communication_device(self.guard_group))
+        if grads:  # one fused pass: the norm of the gradients is finite exactly when every entry is
+            bad += (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).float().to(bad.device)
         if dist.is_initialized():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.guard_group)
         self.overflow = bool(bad.item())
