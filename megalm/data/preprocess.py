@@ -117,14 +117,21 @@ def worker_pool(workers: int, initializer: Callable, initargs: tuple) -> Iterato
     """A pool of `workers` forked processes, or None (work in this process) for workers <= 1.
 
     fork, not spawn: spawn re-imports the caller's __main__, which fails from stdin or a notebook.
-    The pool is made before any thread (tqdm's monitor) starts, so forking is safe.
+    The pool is made before any thread (tqdm's monitor) starts, so forking is safe. It ends with
+    close() + join(), also on an error: the chunks in flight (at most 2 x workers) finish first.
+    Pool.terminate() (what `with Pool` does) hung now and then with tasks in flight (2 of 300
+    runs of a bad-record error with 2 workers), leaving zombie workers and a process that never exits.
     """
     if workers <= 1:
         initializer(*initargs)
         yield None
         return
-    with mp.get_context("fork").Pool(workers, initializer, initargs) as pool:
+    pool = mp.get_context("fork").Pool(workers, initializer, initargs)
+    try:
         yield pool
+    finally:
+        pool.close()
+        pool.join()
 
 
 def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], pool: Any, workers: int) -> Iterator[Any]:
