@@ -84,10 +84,9 @@ def hf_step_fn(cfg: Config, compile_model: bool, precision: str = "bf16") -> Cal
     autocast = bf16 and precision == "autocast"
 
     def step(batch: tuple[torch.Tensor, torch.Tensor]) -> float:
-        tokens, labels = batch
+        tokens, labels = batch[0], batch[1].contiguous()
         with torch.autocast(device_type(), dtype=torch.bfloat16, enabled=autocast):
             # shift_labels: the labels are already the next tokens (transformers would shift them)
-            labels = labels.contiguous()
             loss = forward(input_ids=tokens, labels=labels, shift_labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)

@@ -144,7 +144,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         pad_from = None if vocab_size is None or start + per_rank <= vocab_size else max(vocab_size - start, 0)
         valid = labels != ignore_index
         count = valid.sum().clamp(min=1)
-        scale = valid.to(torch.float32) / count  # d mean / d token loss
+        scale = valid.to(torch.float32) / count if need_grad else None  # d mean / d token loss
         grad_h = torch.empty_like(h) if need_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -154,7 +154,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if pad_from is not None:
                 z[:, pad_from:] = float("-inf")  # padding columns: no probability, no gradient
             loss, grad_z = _chunk_loss(z, labels[i:i + chunk], start, group, ignore_index,
-                                       scale[i:i + chunk] if need_grad else None)
+                                       None if scale is None else scale[i:i + chunk])
             total += loss
             if need_grad:
                 g = grad_z.to(h.dtype)
