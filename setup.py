@@ -1,14 +1,13 @@
 """megalm: pretrain GPT/Llama-style language models across GPU clusters."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
-# Each tool is megalm/cli/<name>.py with a main(); tools/<name>.py is a thin wrapper around it.
-# Each tool is megalm/cli/<name>.py with a main(); tools/<name>.py and the console script
-# megalm-<name> (megalm/cli/entry.py) run it. Kept equal to megalm/cli/entry.py:TOOLS (tested).
-TOOLS = [
-    "train_tokenizer", "preprocess_data", "merge_datasets", "bench_data", "convert_checkpoint", "generate",
-    "evaluate", "plan", "benchmark", "parity",
-]
+# Each tool is a module megalm/cli/<name>.py with a main(); its console script megalm-<name> runs it
+# through megalm/cli/entry.py, which lists the same directory (the only list of tools).
+TOOLS = sorted(p.stem for p in (Path(__file__).parent / "megalm" / "cli").glob("*.py")
+               if p.stem not in ("__init__", "entry"))
 
 setup(
     name="megalm",
@@ -18,9 +17,14 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megalm", "megalm.*"]),
+    package_data={"megalm": ["configs/*.yaml"]},  # the presets: `--config tiny`, the quickstart
+    # Floors are what the code needs and what CI tests; megalm.seams holds every touch below the
+    # public APIs of DeepSpeed and transformers, with a test each (tests/test_seams.py), so their
+    # ranges are the versions those tests pass on. torch: a range, so GPU users keep their CUDA build
+    # (2.6 brings torch.nn.utils.get_total_norm; CI runs 2.13).
     install_requires=[
-        "torch>=2.4",
-        "deepspeed>=0.16",
+        "torch>=2.6",
+        "deepspeed>=0.19.8,<0.20",
         "numpy>=1.24",
         "sentencepiece>=0.2",
         "tokenizers>=0.19",
@@ -33,11 +37,11 @@ setup(
     ],
     extras_require={
         "mpi": ["mpi4py>=3.1"],
-        "hf": ["transformers>=4.44"],
+        "hf": ["transformers>=5.24,<6"],
         "dev": [
             "pytest>=8.0",
             "ruff>=0.5",
-            "transformers>=4.44",
+            "transformers>=5.24,<6",
             "mpi4py>=3.1",
             "megatron-core>=0.9",
             "sacrebleu>=2.3",

@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch.distributed as dist
+
 from megalm.config import Config, describe, describe_markdown, load_config
 from megalm.errors import run_cli
 from megalm.parallel.launch_env import discover
+from megalm.training.loop import train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,10 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         sys.stdout.write(cfg.to_yaml())
         return 0
-    import torch.distributed as dist
-
-    from megalm.training.loop import train
-
     train(cfg)
     if dist.is_initialized():
         dist.destroy_process_group()  # join the communication threads before the interpreter exits

@@ -49,10 +49,10 @@ def test_import_has_no_side_effects():
 
 
 def test_preflight_checks_world_against_dims():
-    ok = subprocess.run([sys.executable, "-m", "megalm.preflight", "--config", "configs/tiny.yaml",
+    ok = subprocess.run([sys.executable, "-m", "megalm.cli.preflight", "--config", "configs/tiny.yaml",
                          "--world-size", "8", "parallel.tensor=2"], capture_output=True, text=True)
     assert ok.returncode == 0 and "world 8 = tensor 2 x pipeline 1 x data 4" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "megalm.preflight", "--config", "configs/tiny.yaml",
+    bad = subprocess.run([sys.executable, "-m", "megalm.cli.preflight", "--config", "configs/tiny.yaml",
                           "--world-size", "3", "parallel.tensor=2"], capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip() == ("error: world size 3 is not divisible by tensor x pipeline = 2 x 1 = 2; "
@@ -71,14 +71,18 @@ def test_rendezvous_timeout_is_one_clear_error():
 
 
 def test_console_scripts_cover_every_tool_and_exit_2_on_user_errors():
-    import re
+    from importlib.metadata import entry_points
     from pathlib import Path
 
     from megalm.cli import entry
 
-    setup_tools = re.findall(r'"(\w+)"', Path("setup.py").read_text().split("TOOLS = [")[1].split("]")[0])
-    assert setup_tools == entry.TOOLS
-    assert sorted(p.stem for p in Path("tools").glob("*.py")) == sorted(entry.TOOLS)
+    # the installed console scripts (from setup.py) are exactly megalm-train + one per megalm/cli module
+    scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts") if ep.value.startswith("megalm.")}
+    expected = {f"megalm-{t.replace('_', '-')}": f"megalm.cli.entry:{t}" for t in entry.tools()}
+    assert scripts == {"megalm-train": "megalm.cli.entry:train", **expected}
+    assert len(entry.tools()) >= 12 and {"generate", "quickstart", "preflight"} <= set(entry.tools())
+    assert all(callable(getattr(entry, t)) for t in entry.tools())
+    assert sorted(p.stem for p in Path("tools").glob("*.py")) == entry.tools()
     r = subprocess.run([sys.executable, "-c", "from megalm.cli.entry import train; train()",
                         "--config", "nope.yaml"], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip() == "error: config file not found: nope.yaml"

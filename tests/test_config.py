@@ -167,12 +167,18 @@ def test_every_field_documented():
 
 
 def test_every_config_file_key_exists():
-    # the shipped YAML files load strictly (no stale keys)
-    import glob
+    # every shipped YAML file loads strictly (no stale keys) and each value lands in its key
+    from megalm.config.loading import PRESETS
 
-    for path in glob.glob("configs/*.yaml"):
-        raw = yaml.safe_load(open(path))
-        config_from_dict(raw, path)
+    paths = sorted(PRESETS.glob("*.yaml"))
+    assert len(paths) >= 9, paths
+    for path in paths:
+        raw = yaml.safe_load(path.read_text())
+        loaded = config_from_dict(raw, str(path)).to_dict()
+        for section, keys in raw.items():
+            for key, value in keys.items():
+                got = loaded[section][key]
+                assert got == value or (isinstance(value, str) and got == float(value)), (path.name, section, key)
 
 
 def test_config_reference_is_current():

@@ -17,6 +17,14 @@ def _fail_on_rank_1():
     return 0
 
 
+def _user_error_on_rank_1():
+    from megalm.errors import MegalmError
+
+    if dist.get_rank() == 1:
+        raise MegalmError("converted shape (3,) != model shape (4,)")
+    return 0
+
+
 def _hang():
     if dist.get_rank() == 0:
         dist.barrier()  # rank 1 never joins
@@ -38,3 +46,14 @@ def test_failing_rank_traceback_propagates():
 def test_timeout_kills_ranks():
     with pytest.raises(TimeoutError, match="timed out"):
         run_distributed_test(_hang, world_size=2, timeout=8)
+
+
+def test_a_users_mistake_on_a_rank_is_one_line_for_the_cli():
+    # the checkpoint writer runs on these ranks in production: its MegalmErrors reach the CLI as one line
+    from megalm.errors import MegalmError
+
+    with pytest.raises(MegalmError) as e:
+        run_distributed_test(_user_error_on_rank_1, world_size=2)
+    assert str(e.value) == "converted shape (3,) != model shape (4,)"
+    assert isinstance(e.value, DistributedTestError)  # and still the harness's error, traceback attached
+    assert "rank 1 of 2" in "".join(e.value.__notes__) and "_user_error_on_rank_1" in "".join(e.value.__notes__)

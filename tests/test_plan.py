@@ -14,8 +14,7 @@ import torch
 
 from megalm.config import ModelConfig, load_config
 from megalm.model.flops import count_parameters, flops_per_token_megatron, flops_per_token_palm
-from megalm.model.gpt import resolve_model_config
-from megalm.plan import (
+from megalm.perf.plan import (
     activation_bytes_per_token,
     head_bytes,
     layer_parameters,
@@ -43,7 +42,7 @@ def test_fp32_zero0_has_no_separate_master_copy():
 
 
 def test_gpt2_activations_are_megatrons_34_sbh_without_the_attention_matrix():
-    cfg = resolve_model_config(ModelConfig(arch="gpt2", hidden_size=768, num_layers=12, num_heads=12, vocab_size=50257))
+    cfg = ModelConfig(arch="gpt2", hidden_size=768, num_layers=12, num_heads=12, vocab_size=50257)
     assert activation_bytes_per_token(cfg, "bf16", 1, False) == 34 * 768
     # tensor parallel: norms and the two matmul inputs stay whole, the rest is split over t
     assert activation_bytes_per_token(cfg, "bf16", 4, False) == (8 + 26 / 4) * 768
@@ -131,12 +130,17 @@ def _saved_bytes_per_token(arch: str, precision: str, checkpointing: bool) -> tu
     """Bytes autograd saves for backward in one real Block's forward, per token (parameters excluded)."""
     from megalm.config import load_config
     from megalm.model.gpt import Block
+    from megalm.parallel.checkpointing import apply_activation_checkpointing
+    from megalm.parallel.context import TensorParallel
 
     cfg = load_config("configs/tiny.yaml", [f"model.arch={arch}",
                                             f"model.activation_checkpointing={str(checkpointing).lower()}"])
     m = cfg.validate(1).model
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
-    block = Block(m, 0, tp_group=None, seed=1).to(dtype).train()
+    tp = TensorParallel.build(None, seed=1)
+    block = Block(m, 0, tp).to(dtype).train()
+    if checkpointing:  # as GPT and the pipeline apply it
+        apply_activation_checkpointing([block], tp.rng)
     params = {p.untyped_storage().data_ptr() for p in block.parameters()}
     saved: dict[int, int] = {}
 
@@ -155,7 +159,7 @@ def _saved_bytes_per_token(arch: str, precision: str, checkpointing: bool) -> tu
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_activation_formula_matches_saved_tensors_of_a_real_block(arch, precision):
-    from megalm.plan import activation_bytes_per_token
+    from megalm.perf.plan import activation_bytes_per_token
 
     measured, m = _saved_bytes_per_token(arch, precision, checkpointing=False)
     planned = activation_bytes_per_token(m, precision, 1, False)
@@ -167,7 +171,6 @@ def test_activation_formula_matches_saved_tensors_of_a_real_block(arch, precisio
 
 def test_fused_loss_holds_one_chunk_of_logits_not_the_micro_batch():
     m = load_config(ROOT / "configs" / "llama-7b.yaml").model
-    m = resolve_model_config(m)
     tokens = 4 * 4096
     unfused = head_bytes(dataclasses.replace(m, loss_chunk_tokens=0), "bf16", 1, False, tokens)
     fused = head_bytes(m, "bf16", 1, False, tokens)

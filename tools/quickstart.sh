@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job end to end on a built-in default (see megalm/quickstart.py):
+# The main job end to end on a built-in default (see megalm/cli/quickstart.py):
 #   corpus (Python's bundled docs) -> sentencepiece BPE -> shards (2 workers) -> tiny Llama trained
 #   by 2 processes with tensor parallelism -> TensorBoard + loss_curve.png -> Hugging Face export ->
 #   text from transformers' generate() and the validation perplexity.
@@ -8,4 +8,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-lo} DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
-exec python -m megalm.quickstart "$@"
+exec python -m megalm.cli.quickstart "$@"

@@ -35,5 +35,5 @@ else
   args+=(--master_addr "$MASTER_ADDR")
   case "$MASTER_ADDR" in 127.*|localhost) export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-lo} ;; esac
 fi
-python -m megalm.preflight --config "$CONFIG" --world-size $((NUM_NODES * NUM_GPUS)) "$@"
+python -m megalm.cli.preflight --config "$CONFIG" --world-size $((NUM_NODES * NUM_GPUS)) "$@"
 exec deepspeed "${args[@]}" --module megalm.train --config "$CONFIG" "$@"

@@ -32,5 +32,5 @@ opts=(-np "$NP" --mca oob_tcp_if_include "$NET_IF" --mca btl_tcp_if_include "$NE
 [ "$NP" -gt "$(nproc)" ] && [ -z "${HOSTFILE:-}" ] && opts+=(--oversubscribe)
 [ -z "${HOSTFILE:-}" ] && opts+=(--mca btl self,vader,tcp)
 
-python -m megalm.preflight --config "$CONFIG" --world-size "$NP" "$@"
+python -m megalm.cli.preflight --config "$CONFIG" --world-size "$NP" "$@"
 exec "$MPIRUN" "${opts[@]}" python -m megalm.train --config "$CONFIG" "$@"

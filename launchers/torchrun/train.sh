@@ -25,7 +25,7 @@ MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 case "$MASTER_ADDR" in 127.*|localhost) export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-lo} ;; esac
 
-python -m megalm.preflight --config "$CONFIG" --world-size $((NUM_NODES * NUM_GPUS)) "$@"
+python -m megalm.cli.preflight --config "$CONFIG" --world-size $((NUM_NODES * NUM_GPUS)) "$@"
 if [ "$NUM_NODES" -eq 1 ]; then
   rdzv=(--standalone)
 else

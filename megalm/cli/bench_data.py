@@ -30,6 +30,7 @@ from megalm.data.indexed import IndexedDataset, write_index
 from megalm.data.preprocess import preprocess
 from megalm.data.tokenizer import build_tokenizer
 from megalm.data.tokenizer_training import train_tokenizer
+from megalm.errors import run_cli
 
 
 def synthetic_texts(num_bytes: int, seed: int = 0) -> list[str]:
@@ -132,3 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         result["gpt_dataset"] = bench_index_and_reads(work, int(a.tokens), a.seq_len, a.reads)
     print(json.dumps(result, indent=2))
     return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

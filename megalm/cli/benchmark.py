@@ -12,8 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 
+import torch.distributed as dist
+
 from megalm.config import load_config
-from megalm.errors import MegalmError
+from megalm.errors import MegalmError, run_cli
+from megalm.parallel.launch_env import discover
+from megalm.perf.benchmark import benchmark
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,15 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1 or args.warmup < 0:
         raise MegalmError("--steps must be >= 1 and --warmup >= 0")
     cfg = load_config(args.config, args.overrides)
-    from megalm.benchmark import benchmark
-    from megalm.parallel.launch_env import discover
-
     if args.compare_hf and discover().world_size != 1:
         raise MegalmError("--compare-hf runs in one process")
     result = benchmark(cfg, steps=args.steps, warmup=args.warmup, compare_hf=args.compare_hf,
                        peak_tflops=args.peak_tflops, hf_precision=args.hf_precision)
-    import torch.distributed as dist
-
     if not dist.is_initialized() or dist.get_rank() == 0:
         text = json.dumps(result, indent=2)
         print(text)
@@ -49,3 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.output, "w") as f:
                 f.write(text + "\n")
     return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -6,6 +6,11 @@ import argparse
 import json
 import time
 
+from megalm.convert.hf import from_hf, to_hf
+from megalm.convert.reshard import reshard
+from megalm.convert.writer import describe_written
+from megalm.errors import run_cli
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__.split(": ", 1)[1])
@@ -41,23 +46,19 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     t0 = time.perf_counter()
     if a.command == "to-hf":
-        from megalm.convert.hf import to_hf
-
         summary = to_hf(a.checkpoint, a.output, dtype=a.dtype, max_shard_size=a.max_shard_size,
                         verify=not a.no_verify, prefer_master=not a.module_weights)
         print(json.dumps({**summary, "seconds": round(time.perf_counter() - t0, 2)}))
         return 0
     if a.command == "from-hf":
-        from megalm.convert.hf import from_hf
-
         ckpt = from_hf(a.hf, a.output, tensor=a.tp, pipeline=a.pp, data_parallel=a.dp, config_file=a.config,
                        overrides=a.overrides, tokenizer=not a.no_tokenizer)
     else:
-        from megalm.convert.reshard import reshard
-
         ckpt = reshard(a.checkpoint, a.output, tensor=a.tp, pipeline=a.pp, data_parallel=a.dp, overrides=a.overrides)
-    from megalm.convert.writer import describe_written
-
     print(f"wrote {describe_written(ckpt)} in {time.perf_counter() - t0:.1f} s; resume with: "
           f"python -m megalm.train --config {a.output}/config.yaml data.train_prefixes=[...] train.steps=N")
     return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

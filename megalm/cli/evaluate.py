@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from megalm.errors import MegalmError, run_cli
+from megalm.inference import evaluate as ev
+from megalm.inference.generate import Sampling, generate
+from megalm.inference.load import load_model
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split(": ", 1)[1])
@@ -23,10 +28,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megalm.errors import MegalmError
-    from megalm.inference import evaluate as ev
-    from megalm.inference.load import load_model
-
     a = parse_args(argv)
     if not (a.data_prefix or a.text_file or a.references):
         raise MegalmError("give --data-prefix, --text-file or --references")
@@ -41,13 +42,15 @@ def main(argv: list[str] | None = None) -> int:
                   else ev.tokens_from_text(a.text_file, codec, budget))
         out.update(ev.loss_and_perplexity(model, tokens, seq_len, a.batch_size))
     if a.references:
-        from megalm.inference.generate import Sampling, generate
-
         pairs = ev.read_references(a.references)
         prompts = [codec.encode(p) for p, _ in pairs]
         gen = generate(model, prompts, a.max_new_tokens, Sampling(greedy=True), eod=codec.eod, pad=codec.pad)
-        hyps = [codec.decode([t for t in new if t != codec.eod]) for new in gen.tokens]
+        hyps = [codec.completion(p, [t for t in new if t != codec.eod]) for p, new in zip(prompts, gen.tokens, strict=True)]
         out.update(ev.bleu_rouge(hyps, [r for _, r in pairs]))
         out["references"] = len(pairs)
     print(json.dumps(out))
     return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

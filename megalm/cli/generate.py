@@ -6,6 +6,12 @@ import argparse
 import json
 import sys
 
+import torch
+
+from megalm.errors import MegalmError, run_cli
+from megalm.inference.generate import Sampling, generate
+from megalm.inference.load import load_model
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="generate.py", description=__doc__.split(": ", 1)[1])
@@ -24,12 +30,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
-
-    from megalm.errors import MegalmError
-    from megalm.inference.generate import Sampling, generate
-    from megalm.inference.load import load_model
-
     a = parse_args(argv)
     if a.max_new_tokens < 0:
         raise MegalmError("--max-new-tokens must not be negative")
@@ -49,11 +49,15 @@ def main(argv: list[str] | None = None) -> int:
         stopped = codec.eod is not None and new[-1:] == [codec.eod]
         body = new[:-1] if stopped else new
         if a.json:
-            print(json.dumps({"prompt": text, "prompt_tokens": ids, "tokens": new, "completion": codec.decode(body),
+            print(json.dumps({"prompt": text, "prompt_tokens": ids, "tokens": new, "completion": codec.completion(ids, body),
                               "stopped_at_eod": stopped}, ensure_ascii=False))
         else:
-            print(f"{text}{codec.decode(body)}" + ("  [end of document]" if stopped else ""))
+            print(f"{text}{codec.completion(ids, body)}" + ("  [end of document]" if stopped else ""))
             print("-" * 40)
     total = sum(map(len, result.tokens))
     print(f"{total} tokens in {result.seconds:.2f} s: {result.tokens_per_second:,.1f} tokens/s", file=sys.stderr)
     return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

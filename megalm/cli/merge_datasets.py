@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from megalm.data.merge import merge_datasets
+from megalm.errors import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,3 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     s = merge_datasets(a.input, a.output_prefix)
     print(f"wrote {a.output_prefix}: {s['documents']} documents, {s['tokens']} tokens from {len(a.input)} shards")
     return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

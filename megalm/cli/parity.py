@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from megalm.errors import run_cli
 from megalm.testing.parity import LAYOUTS, REFERENCE, max_relative_difference, run_layout
 
 
@@ -33,3 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -6,7 +6,8 @@ import argparse
 import json
 
 from megalm.config import load_config
-from megalm.plan import GIB, Plan, make_plan
+from megalm.errors import run_cli
+from megalm.perf.plan import GIB, Plan, make_plan
 
 
 def format_plan(plan: Plan, name: str) -> str:
@@ -65,3 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = make_plan(cfg, a.gpus, mfu=a.mfu, peak_tflops=a.peak_tflops)
     print(json.dumps(plan.to_dict(), indent=2) if a.json else format_plan(plan, a.config))
     return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

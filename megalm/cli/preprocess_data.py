@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from megalm.data.preprocess import preprocess
+from megalm.errors import run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,3 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stdout,
     )
     return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

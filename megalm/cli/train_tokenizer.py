@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from megalm.data.tokenizer_training import train_tokenizer
+from megalm.errors import run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,3 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {a.output_prefix}: {info['type']} {a.type}, vocab {info['vocab_size']}, eod {info['eod']}, "
           f"fingerprint {info['fingerprint'][:16]}")
     return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

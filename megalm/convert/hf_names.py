@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from megalm.config import ModelConfig
+from megalm.parallel.vocab import pad_vocab_rows
 
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
@@ -33,16 +34,12 @@ def split_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int) -> tuple[tor
     return q, grouped[:, r].reshape(-1, *rest), grouped[:, r + 1].reshape(-1, *rest)
 
 
-def _pad_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
-    return torch.cat([w, w.new_zeros(rows - w.size(0), *w.shape[1:])]) if rows > w.size(0) else w
-
-
 def llama_from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig, padded_vocab: int) -> dict[str, torch.Tensor]:
     """HF LlamaForCausalLM state dict -> megalm GPT (tensor size 1) state dict."""
-    out = {"embedding.word.weight": _pad_rows(hf["model.embed_tokens.weight"], padded_vocab),
+    out = {"embedding.word.weight": pad_vocab_rows(hf["model.embed_tokens.weight"], padded_vocab),
            "final_norm.norm.weight": hf["model.norm.weight"]}
     if not cfg.tie_embeddings:
-        out["head.linear.weight"] = _pad_rows(hf["lm_head.weight"], padded_vocab)
+        out["head.linear.weight"] = pad_vocab_rows(hf["lm_head.weight"], padded_vocab)
     for i in range(cfg.num_layers):
         h, m = f"model.layers.{i}.", f"blocks.{i}."
         out[m + "norm1.weight"] = hf[h + "input_layernorm.weight"]
@@ -58,7 +55,7 @@ def llama_from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig, padded_vocab: i
 
 def gpt2_from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig, padded_vocab: int) -> dict[str, torch.Tensor]:
     """HF GPT2LMHeadModel state dict -> megalm GPT (tensor size 1) state dict (tied or untied head)."""
-    out = {"embedding.word.weight": _pad_rows(hf["transformer.wte.weight"], padded_vocab),
+    out = {"embedding.word.weight": pad_vocab_rows(hf["transformer.wte.weight"], padded_vocab),
            "embedding.position.weight": hf["transformer.wpe.weight"],
            "final_norm.norm.weight": hf["transformer.ln_f.weight"],
            "final_norm.norm.bias": hf["transformer.ln_f.bias"]}
@@ -73,7 +70,7 @@ def gpt2_from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig, padded_vocab: in
             out[f"{m}{ours}.weight"] = hf[f"{h}{theirs}.weight"].t()
             out[f"{m}{ours}.bias"] = hf[f"{h}{theirs}.bias"]
     if not cfg.tie_embeddings:
-        out["head.linear.weight"] = _pad_rows(hf["lm_head.weight"], padded_vocab)
+        out["head.linear.weight"] = pad_vocab_rows(hf["lm_head.weight"], padded_vocab)
     return out
 
 

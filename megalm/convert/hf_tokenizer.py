@@ -5,7 +5,8 @@
   the bytes and 256 is `<|endoftext|>` (EOD). `split_special_tokens` is set so that the text
   "<|endoftext|>" encodes as its bytes, as megalm's ByteTokenizer does.
 - sentencepiece: converted with transformers' SpmConverter (unigram or BPE, byte fallback, the
-  model's normalizer) into tokenizer.json; the .model is copied beside it. No BOS is added:
+  model's normalizer; megalm.seams.spm_tokenizer_json) into tokenizer.json; the .model is copied
+  beside it. No BOS is added:
   megalm trains on documents without BOS.
 - hf (byte-level BPE tokenizer.json): copied as is, wrapped as PreTrainedTokenizerFast.
 
@@ -18,6 +19,11 @@ import json
 import shutil
 from pathlib import Path
 
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as RawTokenizer
+from tokenizers.pre_tokenizers import ByteLevel
+
+from megalm import seams
 from megalm.data.tokenizer import HF_EOD, Tokenizer
 from megalm.errors import MegalmError
 
@@ -26,14 +32,11 @@ MEGALM_SIDECAR = "megalm.json"
 
 def byte_tokenizer_json() -> str:
     """tokenizer.json of megalm's byte tokenizer: bytes 0..255 -> ids 0..255, EOD -> 256."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers.pre_tokenizers import ByteLevel
-
     alphabet = ByteLevel.alphabet()  # the 256 characters GPT-2's byte-to-unicode table uses
     table = _bytes_to_unicode()
     assert sorted(table.values()) == sorted(alphabet)
     vocab = {table[b]: b for b in range(256)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
+    tok = RawTokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(HF_EOD, special=True, normalized=False)])
@@ -53,39 +56,9 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
 
 
-def _spm_tokenizer_json(model_file: str) -> str:
-    """A sentencepiece .model as tokenizer.json (transformers' SpmConverter, byte fallback kept)."""
-    from tokenizers import Tokenizer, decoders
-    from tokenizers.models import BPE
-    from transformers.convert_slow_tokenizer import SentencePieceExtractor, SpmConverter
-
-    class _Source:  # what SpmConverter reads from a slow tokenizer
-        vocab_file = model_file
-        add_prefix_space = True
-
-    class _Converter(SpmConverter):
-        handle_byte_fallback = True
-
-        def tokenizer(self, proto):  # noqa: ANN001, ANN202 - transformers' signature
-            if proto.trainer_spec.model_type != 2:  # unigram: the base class is right
-                return super().tokenizer(proto)
-            kw = SentencePieceExtractor(model_file).extract(BPE)
-            tok = Tokenizer(BPE(kw["vocab"], kw["merges"], unk_token=proto.trainer_spec.unk_piece,
-                                fuse_unk=True, byte_fallback=True, dropout=None))
-            tok.add_tokens(kw["additional_special_tokens"])
-            return tok
-
-        def decoder(self, replacement, add_prefix_space):  # noqa: ANN001, ANN202
-            return decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                      decoders.Strip(content=" ", left=1)])
-
-    return _Converter(_Source()).converted().to_str()
-
-
 def export_tokenizer(tokenizer: Tokenizer, out_dir: Path) -> None:
     """Write `tokenizer` into out_dir so that AutoTokenizer.from_pretrained(out_dir) loads it."""
-    from tokenizers import Tokenizer as RawTokenizer
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415 - heavy
 
     out_dir.mkdir(parents=True, exist_ok=True)
     extra: dict = {}
@@ -93,7 +66,7 @@ def export_tokenizer(tokenizer: Tokenizer, out_dir: Path) -> None:
         raw = byte_tokenizer_json()
         extra = {"split_special_tokens": True}
     elif tokenizer.type == "sentencepiece":
-        raw = _spm_tokenizer_json(tokenizer.model_file)
+        raw = seams.spm_tokenizer_json(tokenizer.model_file)
         shutil.copy2(tokenizer.model_file, out_dir / "tokenizer.model")
     elif tokenizer.type == "hf":
         raw = Path(tokenizer.json_file).read_text(encoding="utf-8")

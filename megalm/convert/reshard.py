@@ -34,8 +34,7 @@ def reshard(checkpoint: str | Path, output: str | Path, *, tensor: int, pipeline
     files = tok.files()
     if files:
         cfg.data.tokenizer_model = copy_tokenizer_file(files[0], run_dir)
-    meta = ckpt.meta
     return write_checkpoint(
-        cfg, state, run_dir, step=ckpt.step, consumed_samples=int(meta.get("consumed_samples", 0)),
+        cfg, state, run_dir, step=ckpt.step, consumed_samples=ckpt.meta.state.consumed_samples,
         tokenizer_info=tok.describe(), tokenizer_files=files, data_parallel=data_parallel,
     )

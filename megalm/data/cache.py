@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock
 
 from megalm.errors import MegalmError
 
@@ -45,8 +46,6 @@ def cached_arrays(
     stem = root / f"{key}-{name}"
     marker = Path(f"{stem}-description.json")
     if not marker.is_file():
-        from filelock import FileLock
-
         with FileLock(f"{stem}.lock"):
             if not marker.is_file():
                 _save(stem, marker, description, build())

@@ -14,7 +14,6 @@ the tokenizer's EOD id. `num_shards` K > 1 deals documents round-robin into PREF
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import time
 from collections import deque
@@ -26,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from megalm.data.indexed import IndexedDatasetWriter, best_dtype
 from megalm.data.meta import meta_path, write_meta
-from megalm.data.sources import Chunk, iter_chunks, resolve_inputs
+from megalm.data.sources import Chunk, iter_chunks, record_text, resolve_inputs
 from megalm.data.tokenizer import Tokenizer, build_tokenizer
 from megalm.errors import MegalmError
 
@@ -62,30 +62,6 @@ def _init_worker(tokenizer_type: str, tokenizer_model: str, append_eod: bool, sk
     _STATE = _WorkerState(tok, np.dtype(best_dtype(tok.vocab_size)), append_eod, skip_bad)
 
 
-def _record_text(chunk: Chunk, item: Any) -> tuple[str | None, str | None]:
-    """(text, None) or (None, why the record is bad)."""
-    if chunk.kind in ("parquet", "hf"):
-        if item is None:
-            return None, f"'{chunk.key}' is null"
-        return (item, None) if isinstance(item, str) else (None, f"'{chunk.key}' is not a string")
-    try:
-        text = item.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return None, f"not valid UTF-8 (byte 0x{item[e.start]:02x} at offset {e.start})"
-    if chunk.kind == "txt":
-        return text, None
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        return None, f"malformed JSON ({e.msg} at column {e.colno})"
-    if not isinstance(obj, dict):
-        return None, "not a JSON object"
-    if chunk.key not in obj:
-        return None, f"no key '{chunk.key}' (keys: {', '.join(list(obj)[:5])}); set --json-key"
-    value = obj[chunk.key]
-    return (value, None) if isinstance(value, str) else (None, f"'{chunk.key}' is not a string")
-
-
 def encode_chunk(chunk: Chunk) -> EncodedChunk:
     """Worker body: the chunk's documents, tokenized, EOD appended, packed in the shard dtype."""
     st = _STATE
@@ -93,7 +69,7 @@ def encode_chunk(chunk: Chunk) -> EncodedChunk:
     texts: list[str] = []
     bad = 0
     for item, pos in zip(chunk.items, chunk.positions, strict=True):
-        text, why = _record_text(chunk, item)
+        text, why = record_text(chunk, item)
         if why is not None:
             if not st.skip_bad:
                 where = "row" if chunk.kind in ("parquet", "hf") else "line"
@@ -237,6 +213,4 @@ def _check_counts(counts: Counts, num_shards: int, writers: list[IndexedDatasetW
 
 def _progress(enabled: bool | None):  # noqa: ANN202 - a tqdm bar
     """tqdm on stderr; None = only when stderr is a terminal (so logs and tests stay clean)."""
-    from tqdm import tqdm
-
     return tqdm(unit=" docs", unit_scale=True, disable=None if enabled is None else not enabled, mininterval=1.0)

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import torch
+from torch.utils.data import DataLoader
 
 from megalm.errors import MegalmError
 
@@ -53,17 +55,12 @@ class MegatronPretrainingSampler:
 def collate(samples: list[np.ndarray]) -> tuple[Any, Any]:
     """(tokens, labels) int64 tensors of shape (batch, seq_len): inputs [:, :-1], targets [:, 1:],
     two views of one (batch, seq_len + 1) tensor, so a worker hands over one shared buffer."""
-    import torch
-
     batch = torch.from_numpy(np.stack(samples).astype(np.int64, copy=False))
     return batch[:, :-1], batch[:, 1:]
 
 
 def build_dataloader(dataset: Any, sampler: MegatronPretrainingSampler, num_workers: int) -> Any:
     """A torch DataLoader over `dataset` driven by `sampler`, yielding (tokens, labels)."""
-    import torch
-    from torch.utils.data import DataLoader
-
     return DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
         pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,

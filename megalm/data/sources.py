@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import glob
 import gzip
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from megalm.errors import MegalmError
 
@@ -47,6 +49,30 @@ class Chunk:
     key: str
     items: list = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
+
+
+def record_text(chunk: Chunk, item: Any) -> tuple[str | None, str | None]:
+    """The text of one record of `chunk`: (text, None), or (None, why the record is bad)."""
+    if chunk.kind in ("parquet", "hf"):
+        if item is None:
+            return None, f"'{chunk.key}' is null"
+        return (item, None) if isinstance(item, str) else (None, f"'{chunk.key}' is not a string")
+    try:
+        text = item.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"not valid UTF-8 (byte 0x{item[e.start]:02x} at offset {e.start})"
+    if chunk.kind == "txt":
+        return text, None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        return None, f"malformed JSON ({e.msg} at column {e.colno})"
+    if not isinstance(obj, dict):
+        return None, "not a JSON object"
+    if chunk.key not in obj:
+        return None, f"no key '{chunk.key}' (keys: {', '.join(list(obj)[:5])}); set --json-key"
+    value = obj[chunk.key]
+    return (value, None) if isinstance(value, str) else (None, f"'{chunk.key}' is not a string")
 
 
 def _kind_of(path: Path) -> str:
@@ -158,8 +184,8 @@ def _text_batches(src: Source, key: str, batches: Iterator[list]) -> Iterator[Ch
 
 
 def _parquet_chunks(src: Source, key: str) -> Iterator[Chunk]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow as pa  # noqa: PLC0415 - heavy, only for parquet input
+    import pyarrow.parquet as pq  # noqa: PLC0415
 
     try:
         pf = pq.ParquetFile(src.path)
@@ -172,7 +198,7 @@ def _parquet_chunks(src: Source, key: str) -> Iterator[Chunk]:
 
 
 def _hf_chunks(src: Source, key: str) -> Iterator[Chunk]:
-    import datasets
+    import datasets  # noqa: PLC0415 - heavy, only for save_to_disk input
 
     ds = datasets.load_from_disk(src.path)
     if isinstance(ds, datasets.DatasetDict):

@@ -4,13 +4,12 @@ standard library (`pydoc_data.topics`, the text `help()` shows: ~450 kB of Engli
 from __future__ import annotations
 
 import json
+import pydoc_data.topics
 from pathlib import Path
 
 
 def stdlib_documents(min_chars: int = 40) -> list[str]:
     """One document per paragraph of the pydoc topic texts, in a fixed order."""
-    import pydoc_data.topics
-
     docs = []
     for _, text in sorted(pydoc_data.topics.topics.items()):
         docs.extend(p.strip() for p in text.split("\n\n") if len(p.strip()) > min_chars)

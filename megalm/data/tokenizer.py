@@ -14,6 +14,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
+import sentencepiece as spm
+from tokenizers import Tokenizer as HFTok
 
 from megalm.errors import MegalmError
 
@@ -93,8 +95,6 @@ class SentencePieceTokenizer(Tokenizer):
     type = "sentencepiece"
 
     def __init__(self, model_file: str) -> None:
-        import sentencepiece as spm
-
         self.model_file = str(model_file)
         try:
             self.sp = spm.SentencePieceProcessor(model_file=self.model_file)
@@ -136,8 +136,6 @@ class HFTokenizer(Tokenizer):
     type = "hf"
 
     def __init__(self, json_file: str) -> None:
-        from tokenizers import Tokenizer as HFTok
-
         self.json_file = str(json_file)
         try:
             self.tok = HFTok.from_file(self.json_file)

@@ -21,8 +21,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from megalm.data.preprocess import _record_text
-from megalm.data.sources import iter_chunks, resolve_inputs
+import sentencepiece as spm
+from tokenizers import Tokenizer as HFTok
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+from megalm.data.sources import iter_chunks, record_text, resolve_inputs
 from megalm.data.tokenizer import HF_EOD, Tokenizer, build_tokenizer
 from megalm.errors import MegalmError
 
@@ -31,7 +34,7 @@ def iter_texts(inputs: list[str], json_key: str) -> Iterator[str]:
     """Every non-empty document's text; bad records are skipped (a tokenizer does not need them all)."""
     for chunk in iter_chunks(resolve_inputs(inputs), json_key):
         for item in chunk.items:
-            text, why = _record_text(chunk, item)
+            text, why = record_text(chunk, item)
             if why is None and text.strip():
                 yield text
 
@@ -46,8 +49,6 @@ def _lines(texts: Iterator[str]) -> Iterator[str]:
 def train_sentencepiece(
     texts: Iterator[str], model_type: str, vocab_size: int, prefix: str, coverage: float, special: list[str]
 ) -> Tokenizer:
-    import sentencepiece as spm
-
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=_lines(texts), model_prefix=prefix, model_type=model_type, vocab_size=vocab_size,
@@ -66,9 +67,6 @@ def train_sentencepiece(
 
 def train_bytelevel(texts: Iterator[str], vocab_size: int, prefix: str, special: list[str]) -> Tokenizer:
     """GPT-2 style byte-level BPE: every byte is in the alphabet, `<|endoftext|>` is id 0."""
-    from tokenizers import Tokenizer as HFTok
-    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
-
     tok = HFTok(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -16,13 +16,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from megalm.data.indexed import IndexedDataset
 from megalm.errors import MegalmError
 
 
 def tokens_from_prefix(prefix: str, max_tokens: int) -> np.ndarray:
     """The first max_tokens tokens of a PREFIX.bin/.idx shard (Megatron layout), in document order."""
-    from megalm.data.indexed import IndexedDataset
-
     ds = IndexedDataset(prefix)  # a missing or broken shard is a MegalmError naming it
     return np.asarray(ds.tokens[:max_tokens], dtype=np.int64)
 
@@ -84,13 +83,13 @@ def bleu_rouge(hypotheses: list[str], references: list[str]) -> dict[str, float]
     installed is left out (pip install 'megalm[dev]')."""
     out: dict[str, float] = {}
     try:
-        import sacrebleu
+        import sacrebleu  # noqa: PLC0415 - optional (megalm[dev])
 
         out["bleu"] = sacrebleu.corpus_bleu(hypotheses, [references]).score
     except ImportError:
         pass
     try:
-        from rouge_score import rouge_scorer
+        from rouge_score import rouge_scorer  # noqa: PLC0415 - optional (megalm[dev])
 
         scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
         scores = [scorer.score(r, h) for h, r in zip(hypotheses, references, strict=True)]

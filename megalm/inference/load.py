@@ -4,6 +4,7 @@ with a tokenizer that encodes prompts and decodes outputs."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,12 @@ from typing import Any
 import torch
 
 from megalm.config import ModelConfig
+from megalm.convert.hf_import import load_hf_dir
+from megalm.convert.reader import open_checkpoint, read_state
 from megalm.errors import MegalmError
+from megalm.model.gpt import GPT, VOCAB_PARAMETERS
+from megalm.parallel.context import TensorParallel
+from megalm.parallel.vocab import pad_vocab_rows
 
 
 @dataclass
@@ -29,22 +35,27 @@ class TextCodec:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
 
+    def completion(self, prompt: list[int], new: list[int]) -> str:
+        """The text that `new` adds after `prompt`, as the whole sequence decodes it, so that
+        prompt text + completion reads as decode(prompt + new). Decoding `new` alone loses what
+        depends on its left context: sentencepiece drops a leading word boundary (' the' -> 'the')."""
+        whole, head = self.decode(prompt + new), self.decode(prompt)
+        if whole.startswith(head):
+            return whole[len(head):]
+        return whole[len(os.path.commonprefix([whole, head])):]  # the prompt's tail decodes differently
+
 
 def build_gpt(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> Any:
-    """A single-process GPT (eval mode) holding `state` (vocabulary rows padded as the model needs)."""
-    from megalm.convert.hf_names import _pad_rows
-    from megalm.convert.reader import VOCAB_PARAMS
-    from megalm.model.gpt import GPT
-
-    model = GPT(cfg, None).eval()
-    padded = {k: _pad_rows(v.float(), model.padded_vocab_size) if k in VOCAB_PARAMS else v.float() for k, v in state.items()}
+    """A single-process GPT (eval mode) holding `state`, GPT names at tensor size 1 with the
+    tokenizer's vocabulary rows (padded here as the model needs)."""
+    model = GPT(cfg, TensorParallel.build(None)).eval()
+    padded = {k: pad_vocab_rows(v.float(), model.padded_vocab_size) if k in VOCAB_PARAMETERS else v.float()
+              for k, v in state.items()}
     model.load_state_dict(padded, strict=True)
     return model.to(dtype)
 
 
 def load_from_checkpoint(path: str | Path) -> tuple[Any, TextCodec]:
-    from megalm.convert.reader import open_checkpoint, read_state
-
     ckpt = open_checkpoint(path)
     state, _ = read_state(ckpt)
     tok = ckpt.tokenizer()
@@ -52,9 +63,7 @@ def load_from_checkpoint(path: str | Path) -> tuple[Any, TextCodec]:
 
 
 def load_from_hf(hf_dir: str | Path) -> tuple[Any, TextCodec]:
-    from transformers import AutoTokenizer
-
-    from megalm.convert.hf import load_hf_dir
+    from transformers import AutoTokenizer  # noqa: PLC0415 - heavy
 
     cfg, state = load_hf_dir(Path(hf_dir))
     try:

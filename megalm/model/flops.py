@@ -19,8 +19,8 @@ from torch import nn
 from megalm.config import ModelConfig
 
 
-def _block_parameters(cfg: ModelConfig) -> tuple[int, int]:
-    """(matmul weights, everything) of one block."""
+def block_parameters(cfg: ModelConfig) -> tuple[int, int]:
+    """(matmul weights, all parameters) of one transformer block."""
     d, h = cfg.hidden_size, cfg.hidden_size // cfg.num_heads
     qkv = d * (cfg.num_heads + 2 * cfg.num_kv_heads) * h
     proj = cfg.num_heads * h * d
@@ -37,7 +37,7 @@ def count_parameters(cfg: ModelConfig, *, embeddings: bool = True) -> int:
     token embedding, gpt2's position embedding and an untied head (Kaplan's/PaLM's N)."""
     d = cfg.hidden_size
     final_norm = d if cfg.arch == "llama" else 2 * d
-    total = cfg.num_layers * _block_parameters(cfg)[1] + final_norm
+    total = cfg.num_layers * block_parameters(cfg)[1] + final_norm
     if embeddings:
         total += cfg.vocab_size * d
         total += cfg.max_seq_len * d if cfg.arch == "gpt2" else 0
@@ -69,7 +69,7 @@ def flops_per_token_megatron(cfg: ModelConfig, seq_len: int, *, recompute: bool 
     forward matmul FLOPs of the blocks, the attention scores and values, and the LM head."""
     d, heads_dim = cfg.hidden_size, cfg.num_heads * (cfg.hidden_size // cfg.num_heads)
     forward = (
-        2 * cfg.num_layers * _block_parameters(cfg)[0]
+        2 * cfg.num_layers * block_parameters(cfg)[0]
         + 4 * cfg.num_layers * seq_len * heads_dim  # Q K^T and (softmax) V
         + 2 * d * cfg.vocab_size  # LM head
     )

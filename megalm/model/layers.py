@@ -2,8 +2,8 @@
 
 Written to be exactly Hugging Face's LlamaForCausalLM (RMSNorm, rotate-half RoPE, SwiGLU, GQA,
 no biases) and GPT2LMHeadModel (LayerNorm, tanh-GELU, biases) so weights convert one to one.
-Attention and MLP are built from the tensor-parallel layers of megalm.parallel.layers; with
-`group=None` they are plain single-process layers.
+Attention and MLP are built from the tensor-parallel layers of megalm.parallel.layers, split as
+the TensorParallel context says; with one tensor rank they are plain single-process layers.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from torch import nn
 
 from megalm.config import ModelConfig
 from megalm.errors import MegalmError
+from megalm.parallel.context import TensorParallel
 from megalm.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     mark_replicated,
     sequence_parallel_param,
 )
-from megalm.parallel.mappings import group_size
-from megalm.parallel.random import TensorParallelRNG, maybe_fork, normal_init
+from megalm.parallel.random import maybe_fork, normal_init
 
 
 class RMSNorm(nn.Module):
@@ -55,13 +55,12 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
 
 
-def build_norm(cfg: ModelConfig, sequence_parallel: bool, group: dist.ProcessGroup | None = None) -> nn.Module:
+def build_norm(cfg: ModelConfig, tp: TensorParallel) -> nn.Module:
     """RMSNorm (llama) or LayerNorm with bias (gpt2); parameters replicated on the tensor ranks.
-    Under sequence parallelism their gradients are summed over `group` inside autograd."""
-    sp = sequence_parallel and group_size(group) > 1
+    Under sequence parallelism their gradients are summed over the tensor group inside autograd."""
     cls = RMSNorm if cfg.arch == "llama" else LayerNorm
-    norm = cls(cfg.hidden_size, cfg.norm_eps, group=group, sequence_parallel=sp)
-    mark_replicated(norm, sp)
+    norm = cls(cfg.hidden_size, cfg.norm_eps, group=tp.group, sequence_parallel=tp.sequence_parallel)
+    mark_replicated(norm, tp.sequence_parallel)
     return norm
 
 
@@ -107,8 +106,7 @@ class KVCache:
         return self.k[:, :end], self.v[:, :end]
 
 
-def _local_heads(cfg: ModelConfig, group: dist.ProcessGroup | None) -> tuple[int, int]:
-    tp = group_size(group)
+def _local_heads(cfg: ModelConfig, tp: int) -> tuple[int, int]:
     if cfg.num_heads % tp or cfg.num_kv_heads % tp:
         raise MegalmError(
             f"attention heads ({cfg.num_heads}) and kv heads ({cfg.num_kv_heads}) must divide by the "
@@ -125,23 +123,20 @@ class Attention(nn.Module):
     Query head h uses kv head h // (H/G), as HF's repeat_kv.
     """
 
-    def __init__(
-        self, cfg: ModelConfig, *, group: dist.ProcessGroup | None, sequence_parallel: bool,
-        generator: torch.Generator, rng: TensorParallelRNG | None,
-    ) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, generator: torch.Generator) -> None:
         super().__init__()
-        self.cfg, self.rng = cfg, rng
+        self.cfg, self.rng = cfg, tp.rng
         self.head_dim = cfg.hidden_size // cfg.num_heads
-        self.heads, self.kv_heads = _local_heads(cfg, group)
+        self.heads, self.kv_heads = _local_heads(cfg, tp.size)
         bias = cfg.arch == "gpt2"
         qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * self.head_dim
         self.qkv = ColumnParallelLinear(
-            cfg.hidden_size, qkv_out, group=group, bias=bias, sequence_parallel=sequence_parallel,
+            cfg.hidden_size, qkv_out, group=tp.group, bias=bias, sequence_parallel=tp.sequence_parallel,
             init_method=normal_init(cfg.init_std, generator),
         )
         self.proj = RowParallelLinear(
-            cfg.num_heads * self.head_dim, cfg.hidden_size, group=group, bias=bias,
-            sequence_parallel=sequence_parallel,
+            cfg.num_heads * self.head_dim, cfg.hidden_size, group=tp.group, bias=bias,
+            sequence_parallel=tp.sequence_parallel,
             init_method=normal_init(cfg.init_std / math.sqrt(2 * cfg.num_layers), generator),
         )
 
@@ -168,7 +163,7 @@ class Attention(nn.Module):
             rows = torch.arange(start_pos, start_pos + s, device=q.device)[:, None]
             mask = torch.arange(total, device=q.device)[None, :] <= rows  # (seq, total)
         p = self.cfg.dropout if self.training else 0.0
-        with maybe_fork(self.rng if p > 0 else None):  # heads differ per tensor rank
+        with maybe_fork(self.rng if p > 0 else None):  # heads differ per tensor rank: the tracker
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal and s > 1,
                 enable_gqa=self.heads != self.kv_heads,
@@ -179,21 +174,18 @@ class MLP(nn.Module):
     """llama: W_2 (silu(X G) * (X U)) with [G, U] fused column-parallel (stride 2) and W_2
     row-parallel. gpt2: W_2 gelu_tanh(X W_1 + b_1) + b_2."""
 
-    def __init__(
-        self, cfg: ModelConfig, *, group: dist.ProcessGroup | None, sequence_parallel: bool,
-        generator: torch.Generator,
-    ) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, generator: torch.Generator) -> None:
         super().__init__()
         self.gated = cfg.arch == "llama"
         bias = not self.gated
         width = cfg.ffn_hidden_size
         self.fc1 = ColumnParallelLinear(
-            cfg.hidden_size, 2 * width if self.gated else width, group=group, bias=bias,
-            sequence_parallel=sequence_parallel, stride=2 if self.gated else 1,
+            cfg.hidden_size, 2 * width if self.gated else width, group=tp.group, bias=bias,
+            sequence_parallel=tp.sequence_parallel, stride=2 if self.gated else 1,
             init_method=normal_init(cfg.init_std, generator),
         )
         self.fc2 = RowParallelLinear(
-            width, cfg.hidden_size, group=group, bias=bias, sequence_parallel=sequence_parallel,
+            width, cfg.hidden_size, group=tp.group, bias=bias, sequence_parallel=tp.sequence_parallel,
             init_method=normal_init(cfg.init_std / math.sqrt(2 * cfg.num_layers), generator),
         )
 

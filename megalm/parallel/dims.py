@@ -9,8 +9,12 @@ Megatron): tensor ranks are adjacent (innermost axis), then data, then pipeline 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from megalm.errors import MegalmError
+
+if TYPE_CHECKING:  # the config validates itself with ParallelDims
+    from megalm.config import ParallelConfig
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,12 @@ class ParallelDims:
                 f" = {model}; launch a multiple of {model} processes or change parallel.tensor/pipeline"
             )
         return cls(tensor=tensor, pipeline=pipeline, data=world_size // model)
+
+    @classmethod
+    def from_config(cls, cfg: ParallelConfig, world_size: int) -> ParallelDims:
+        """The mesh of a run's `parallel` section on `world_size` ranks: the one place a parallel
+        degree named in the config becomes a mesh axis."""
+        return cls.from_world(world_size, tensor=cfg.tensor, pipeline=cfg.pipeline)
 
     @property
     def world_size(self) -> int:

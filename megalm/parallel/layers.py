@@ -1,5 +1,5 @@
 """Tensor-parallel layers (Megatron-LM style): column- and row-parallel linear, vocab-parallel
-embedding, vocabulary padding, parameter marking and the sequence-parallel gradient reduction.
+embedding, parameter marking and the sequence-parallel gradient reduction.
 
 Every layer takes its tensor group as a required argument; `group=None` means no tensor
 parallelism. Sharded parameters carry `tensor_model_parallel = True`, `partition_dim` and
@@ -30,21 +30,6 @@ from megalm.parallel.mappings import (
     scatter_to_tensor_region,
 )
 from megalm.parallel.random import InitMethod
-
-# ----------------------------------------------------------------------------- vocabulary padding
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_size: int) -> int:
-    """Smallest multiple of divisible_by * tensor_size that holds vocab_size rows."""
-    multiple = divisible_by * tensor_size
-    return -(-vocab_size // multiple) * multiple
-
-
-def strip_vocab_padding(t: torch.Tensor, vocab_size: int, dim: int = 0) -> torch.Tensor:
-    """The first `vocab_size` entries along `dim`: an embedding/head weight (dim 0) or logits
-    (dim -1) without the tensor-parallel padding, as exports and generation need it."""
-    return t.narrow(dim, 0, vocab_size)
-
 
 # ----------------------------------------------------------------------------- sharding helpers
 
@@ -210,7 +195,7 @@ class RowParallelLinear(nn.Module):
 class VocabParallelEmbedding(nn.Module):
     """E = onehot(tokens) W with W split along the vocabulary: rank i holds rows
     [i V_pad / p, (i + 1) V_pad / p), looks up the tokens in its range, zeros the others, and the
-    partial results are all-reduced. V_pad = padded_vocab_size(...) >= the tokenizer's V; the
+    partial results are all-reduced. V_pad (megalm.parallel.vocab) >= the tokenizer's V; the
     padding rows start at zero and no real token reads them.
     """
 

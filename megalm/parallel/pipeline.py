@@ -1,6 +1,7 @@
 """The GPT as a DeepSpeed PipelineModule: LayerSpecs for embedding, blocks, final norm and head.
 
     stage 0: Embedding, Block 0 ..        ...        stage p-1: .. Block L-1, FinalNorm, Head
+(megalm.model.gpt.PIPELINE_LAYERS; `gpt_name` maps a pipeline parameter name to the GPT's).
 With tied embeddings the first and last entries are TiedLayerSpecs sharing the key "embed": the
 last stage holds a copy of the (vocab-sharded) word embedding whose gradient DeepSpeed all-reduces
 with the first stage's. That copy is a `TiedEmbeddingHead` (no position table), so every tied
@@ -13,13 +14,20 @@ loss function (HeadLoss) applies that layer's weight fused with the cross entrop
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
 from megalm.config import Config
-from megalm.model.gpt import Block, Embedding, FinalNorm, GPTLoss, Head, HeadLoss
-from megalm.parallel.groups import ProcessGroups
-from megalm.parallel.random import TensorParallelRNG
+from megalm.model.gpt import PIPELINE_LAYERS, Block, Embedding, FinalNorm, Head
+from megalm.parallel.checkpointing import apply_activation_checkpointing
+from megalm.parallel.context import TensorParallel
+from megalm.parallel.dims import ParallelDims
+from megalm.parallel.loss import GPTLoss, HeadLoss
+
+TIED_PREFIX = "tied_modules.embed."
+"""Parameter-name prefix of the tied word embedding in a PipelineModule (TiedLayerSpec key "embed")."""
 
 
 class TiedEmbeddingHead(Embedding):
@@ -41,35 +49,52 @@ def _tied_hidden(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return h  # the HeadLoss applies the tied weight, fused with the cross entropy
 
 
-def build_pipeline_module(cfg: Config, groups: ProcessGroups) -> nn.Module:
-    """This rank's stage of the pipeline (DeepSpeed builds only the layers of its own stage)."""
-    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+def gpt_name(name: str, num_layers: int) -> str:
+    """PipelineModule parameter name -> GPT name ("3.attn.qkv.weight" -> "blocks.2.attn.qkv.weight").
 
-    m, dims = cfg.model, groups.dims
-    tp_group = groups.tensor if dims.tensor > 1 else None
-    sp = cfg.parallel.sequence_parallel and dims.tensor > 1
-    rng = TensorParallelRNG(cfg.train.seed, groups.tensor_rank)
-    kw = dict(tp_group=tp_group, sequence_parallel=sp, seed=cfg.train.seed)
+    Layers follow PIPELINE_LAYERS: 0 embedding, 1..L blocks, L + 1 final norm, L + 2 head; the tied
+    embedding's parameters ("tied_modules.embed.x") are the embedding's. A GPT name is returned as is."""
+    if name.startswith(TIED_PREFIX):
+        return f"{PIPELINE_LAYERS[0]}.{name[len(TIED_PREFIX):]}"
+    m = re.match(r"^(\d+)\.(.*)$", name)
+    if not m:
+        return name
+    idx, rest = int(m.group(1)), m.group(2)
+    embedding, blocks, final_norm, head = PIPELINE_LAYERS
+    if idx == 0:
+        return f"{embedding}.{rest}"
+    if idx <= num_layers:
+        return f"{blocks}.{idx - 1}.{rest}"
+    return f"{final_norm if idx == num_layers + 1 else head}.{rest}"
+
+
+def build_pipeline_module(cfg: Config, tp: TensorParallel, dims: ParallelDims) -> nn.Module:
+    """This rank's stage of the pipeline (DeepSpeed builds only the layers of its own stage), in
+    the order of PIPELINE_LAYERS."""
+    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec  # noqa: PLC0415 - heavy
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology  # noqa: PLC0415
+
+    m = cfg.model
     fused = m.loss_chunk_tokens > 0
     if m.tie_embeddings:
-        first = TiedLayerSpec("embed", Embedding, m, rng=rng, tied_weight_attr="weight", **kw)
-        last = TiedLayerSpec("embed", TiedEmbeddingHead, m, rng=rng, forward_fn=_tied_hidden if fused else _tied_logits,
-                             tied_weight_attr="weight", **kw)
+        first = TiedLayerSpec("embed", Embedding, m, tp, tied_weight_attr="weight")
+        last = TiedLayerSpec("embed", TiedEmbeddingHead, m, tp, forward_fn=_tied_hidden if fused else _tied_logits,
+                             tied_weight_attr="weight")
     else:
-        first = LayerSpec(Embedding, m, rng=rng, **kw)
-        last = LayerSpec(Head, m, pass_hidden=fused, **kw)
-    specs = [first, *(LayerSpec(Block, m, i, rng=rng, **kw) for i in range(m.num_layers)),
-             LayerSpec(FinalNorm, m, tp_group=tp_group, sequence_parallel=sp), last]
+        first = LayerSpec(Embedding, m, tp)
+        last = LayerSpec(Head, m, tp, pass_hidden=fused)
+    specs = [first, *(LayerSpec(Block, m, i, tp) for i in range(m.num_layers)), LayerSpec(FinalNorm, m, tp), last]
     topology = PipeModelDataParallelTopology(num_pp=dims.pipeline, num_mp=dims.tensor, num_dp=dims.data)
     module = PipelineModule(
         layers=specs,
-        loss_fn=GPTLoss(m, tp_group),
+        loss_fn=GPTLoss(m, tp),
         topology=topology,
         partition_method=cfg.parallel.pipeline_partition,
-        activation_checkpoint_interval=0,  # blocks checkpoint themselves (model.activation_checkpointing)
+        activation_checkpoint_interval=0,  # megalm.parallel.checkpointing recomputes whole blocks
     )
+    if m.activation_checkpointing:
+        apply_activation_checkpointing([x for x in module.modules() if isinstance(x, Block)], tp.rng)
     heads = [x for x in module.modules() if isinstance(x, (Head, TiedEmbeddingHead))]
     if fused and heads:  # the last stage: its last layer passes the hidden states to the loss
-        module.loss_fn = HeadLoss(m, heads[0], tp_group, sp)
+        module.loss_fn = HeadLoss(m, heads[0], tp)
     return module

@@ -1,112 +1,12 @@
-"""Run a function on N real gloo ranks (spawned processes on 127.0.0.1) and collect the results.
+"""The distributed test harness: megalm.parallel.spawn under the names the tests use.
 
-    def check(rank_arg): ...            # module-level, so it pickles
-    results = run_distributed_test(check, world_size=4, args=(rank_arg,))
-
-Each rank gets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT in its environment and an
-initialised default process group. A rank that raises makes the call raise with that rank's
-traceback; a hang raises TimeoutError after `timeout` seconds and kills every rank.
+    results = run_distributed_test(check, world_size=4, args=(x,))   # real gloo ranks on 127.0.0.1
 """
 
-from __future__ import annotations
+from megalm.parallel.spawn import RankError, free_port
+from megalm.parallel.spawn import spawn as run_distributed_test
 
-import os
-import pickle
-import queue
-import socket
-import time
-import traceback
-from collections.abc import Callable
-from typing import Any
+DistributedTestError = RankError
+"""A rank failed (its traceback is in the message)."""
 
-import torch.multiprocessing as mp
-
-
-class DistributedTestError(RuntimeError):
-    """A rank failed; the message holds its traceback."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(
-    rank: int, world_size: int, port: int, fn: Callable, args: tuple, env: dict, results: Any
-) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        GLOO_SOCKET_IFNAME="lo",
-        **env,
-    )
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        value = fn(*args)
-        # plain pickle bytes: torch's queue pickler would share tensors through file descriptors
-        # that vanish when this process exits
-        results.put((rank, "ok", pickle.dumps(value)))
-    except BaseException:  # noqa: BLE001 - every failure goes back to the parent
-        results.put((rank, "error", traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def run_distributed_test(
-    fn: Callable[..., Any],
-    world_size: int,
-    args: tuple = (),
-    timeout: float = 300.0,
-    env: dict[str, str] | None = None,
-) -> list[Any]:
-    """Run fn(*args) on `world_size` gloo ranks; return each rank's return value, by rank."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = free_port()
-    env = {"OMP_NUM_THREADS": "1", **(env or {})}
-    procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, env, results), daemon=True)
-        for r in range(world_size)
-    ]
-    for p in procs:
-        p.start()
-    values: dict[int, Any] = {}
-    deadline = time.monotonic() + timeout
-    try:
-        while len(values) < world_size:
-            try:
-                rank, status, value = results.get(timeout=1.0)
-            except queue.Empty:
-                _check_alive(procs, values, deadline, timeout)
-                continue
-            if status == "error":
-                raise DistributedTestError(f"rank {rank} of {world_size} failed:\n{value}")
-            values[rank] = pickle.loads(value)
-    finally:
-        for p in procs:
-            p.join(timeout=5 if len(values) == world_size else 0.1)
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-    return [values[r] for r in range(world_size)]
-
-
-def _check_alive(procs: list, values: dict[int, Any], deadline: float, timeout: float) -> None:
-    """Raise if a rank died without reporting (e.g. a segfault) or the deadline passed."""
-    for rank, p in enumerate(procs):
-        if rank not in values and not p.is_alive() and p.exitcode not in (0, None):
-            raise DistributedTestError(f"rank {rank} died with exit code {p.exitcode}")
-    if time.monotonic() > deadline:
-        raise TimeoutError(
-            f"distributed test timed out after {timeout:.0f}s; ranks that finished: {sorted(values)}"
-        )
+__all__ = ["DistributedTestError", "free_port", "run_distributed_test"]

@@ -1,6 +1,6 @@
 """Measure what a real DeepSpeed engine allocates for parameters, gradients and optimizer states.
 
-Used to check megalm.plan against reality on CPU: build the engine exactly as training does, take
+Used to check megalm.perf.plan against reality on CPU: build the engine exactly as training does, take
 one optimizer step (so Adam's states exist), run one more forward and backward (so gradients and
 optimizer states coexist, the steady-state peak of model states), then sum the bytes of the
 distinct storages reachable from
@@ -19,6 +19,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
+
+from megalm.config import load_config
+from megalm.training.startup import bootstrap
 
 
 def _storage_bytes(tensors: Iterable[torch.Tensor], seen: set[int]) -> int:
@@ -53,23 +57,12 @@ def model_state_bytes(ds_engine: object) -> dict[str, int]:
 
 def measure_rank(config: str, overrides: list[str]) -> dict[str, int]:
     """On an initialised process group (run_distributed_test): build the engine for
-    config + overrides, take one optimizer step, then one more forward/backward, and return
-    model_state_bytes. With train.grad_accum_steps >= 2 that last backward is not at an
+    config + overrides as training does, take one optimizer step, then one more forward/backward,
+    and return model_state_bytes. With train.grad_accum_steps >= 2 that last backward is not at an
     accumulation boundary, so the full gradients are still held (ZeRO 1 and 2 free them once
     reduced into partitions at the boundary): the peak the planner counts."""
-    import torch.distributed as dist
-
-    from megalm.config import load_config
-    from megalm.parallel.dims import ParallelDims
-    from megalm.parallel.groups import build_process_groups
-    from megalm.training.engine import build_engine, init_deepspeed_runtime
-
-    cfg = load_config(config, overrides).validate(dist.get_world_size())
-    dims = ParallelDims.from_world(dist.get_world_size(), tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline)
-    groups = build_process_groups(dims)
-    init_deepspeed_runtime(cfg.parallel.init_timeout_minutes)
-    torch.manual_seed(cfg.train.seed)
-    ds = build_engine(cfg, groups).ds
+    cfg = load_config(config, overrides)
+    ds = bootstrap(cfg).engine.ds
     generator = torch.Generator().manual_seed(dist.get_rank())
     shape = (cfg.train.micro_batch_size, cfg.data.seq_len + 1)
     for micro_step in range(cfg.train.grad_accum_steps + 1):

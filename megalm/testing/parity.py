@@ -12,7 +12,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch.distributed as dist
+
+from megalm.config import load_config
 from megalm.testing.distributed import run_distributed_test
+from megalm.training.loop import train
 
 
 @dataclass(frozen=True)
@@ -43,12 +47,8 @@ LAYOUTS = [
 ]
 
 
-def _train_rank(config: str, overrides: list[str]) -> list[float] | None:
-    import torch.distributed as dist
-
-    from megalm.config import load_config
-    from megalm.training.loop import train
-
+def train_rank(config: str, overrides: list[str]) -> list[float] | None:
+    """One rank of a training run of config + overrides; rank 0 returns the logged step losses."""
     cfg = load_config(config, overrides)
     train(cfg)
     if dist.get_rank() != 0:
@@ -63,7 +63,7 @@ def run_layout(layout: Layout, config: str, overrides: list[str], timeout: float
         all_overrides = [*overrides, *layout.overrides(), f"train.run_dir={run_dir}",
                          "checkpoint.interval=0", "checkpoint.save_at_end=false", "checkpoint.load=none",
                          "logging.console=false", "logging.tensorboard=false", "train.eval_interval=0"]
-        return run_distributed_test(_train_rank, layout.world_size, args=(config, all_overrides),
+        return run_distributed_test(train_rank, layout.world_size, args=(config, all_overrides),
                                     timeout=timeout, env={"DS_ACCELERATOR": "cpu"})[0]
 
 

@@ -4,7 +4,8 @@
       latest                       tag of the newest COMPLETE checkpoint (written after every rank saved)
       global_stepN/
         mp_rank_XX_model_states.pt, *_optim_states.pt ...   DeepSpeed's files (zero_to_fp32 works)
-        megalm.json                config, parallel dims, tokenizer fingerprint, step, consumed samples
+        megalm.json                CheckpointMeta (megalm.training.checkpoint_meta): format version,
+                                   parallel dims, step, consumed samples, tokenizer, config
         config.yaml                the resolved config
         tokenizer/                 the tokenizer's files
         rng_state_rank{R}.pt       python/numpy/torch/cuda RNG states of each rank
@@ -20,7 +21,6 @@ import os
 import random
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +29,9 @@ import torch
 import torch.distributed as dist
 
 from megalm.errors import MegalmError
+from megalm.training.checkpoint_meta import METADATA_FILE, CheckpointMeta, TrainState
 
 TAG_RE = re.compile(r"^global_step(\d+)$")
-
-
-@dataclass(frozen=True)
-class TrainState:
-    """What the loop needs to continue: optimizer steps done and global samples consumed."""
-
-    step: int = 0
-    consumed_samples: int = 0
-    skipped_steps: int = 0
 
 
 def tag_of(step: int) -> str:
@@ -69,23 +61,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
-    engine: Any,
-    root: Path,
-    state: TrainState,
-    metadata: dict[str, Any],
-    tokenizer_files: list[str],
-    keep_last: int,
+    engine: Any, root: Path, meta: CheckpointMeta, tokenizer_files: list[str], keep_last: int,
 ) -> Path:
     """Collective: every rank saves its part; rank 0 writes metadata and, last, `latest`."""
-    tag = tag_of(state.step)
+    tag = tag_of(meta.state.step)
     rank = dist.get_rank()
-    client_state = {"megalm": {**metadata, "step": state.step, "consumed_samples": state.consumed_samples,
-                               "skipped_steps": state.skipped_steps}}
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    engine.save_checkpoint(str(root), tag=tag, client_state={"megalm": meta.to_dict()}, save_latest=False)
     ckpt = root / tag
     _atomic_torch_save(rng_state(), ckpt / f"rng_state_rank{rank}.pt")
     if rank == 0:
-        _write_metadata(ckpt, client_state["megalm"], tokenizer_files)
+        _write_metadata(ckpt, meta, tokenizer_files)
     dist.barrier()  # every rank's files are on disk before `latest` points at them
     if rank == 0:
         atomic_write_text(root / "latest", tag)
@@ -94,10 +79,9 @@ def save_checkpoint(
     return ckpt
 
 
-def _write_metadata(ckpt: Path, meta: dict[str, Any], tokenizer_files: list[str]) -> None:
-    atomic_write_text(ckpt / "megalm.json", json.dumps(meta, indent=2, default=str))
-    if "config_yaml" in meta:
-        atomic_write_text(ckpt / "config.yaml", meta["config_yaml"])
+def _write_metadata(ckpt: Path, meta: CheckpointMeta, tokenizer_files: list[str]) -> None:
+    atomic_write_text(ckpt / METADATA_FILE, json.dumps(meta.to_dict(), indent=2))
+    atomic_write_text(ckpt / "config.yaml", meta.config_yaml)
     if tokenizer_files:
         (ckpt / "tokenizer").mkdir(exist_ok=True)
         for f in tokenizer_files:
@@ -154,14 +138,6 @@ def resolve_load(load: str, root: Path) -> tuple[Path, str] | None:
     )
 
 
-def read_metadata(root: Path, tag: str) -> dict[str, Any]:
-    """megalm.json of a checkpoint (written by rank 0 before `latest`)."""
-    path = root / tag / "megalm.json"
-    if not path.is_file():
-        raise MegalmError(f"{root / tag} has no megalm.json: not a complete megalm checkpoint")
-    return json.loads(path.read_text())
-
-
 def load_checkpoint(engine: Any, root: Path, tag: str, *, load_optimizer: bool = True) -> TrainState:
     """Collective: load DeepSpeed state and this rank's RNG; return where training stands."""
     ckpt = root / tag
@@ -172,8 +148,8 @@ def load_checkpoint(engine: Any, root: Path, tag: str, *, load_optimizer: bool =
     )
     if path is None or client is None or "megalm" not in client:
         raise MegalmError(f"checkpoint {ckpt} could not be loaded (incomplete, or not written by megalm)")
-    meta = client["megalm"]
+    meta = CheckpointMeta.from_dict(client["megalm"], f"the megalm state in {ckpt}")
     rng_file = ckpt / f"rng_state_rank{dist.get_rank()}.pt"
-    if rng_file.is_file() and meta.get("world_size") == dist.get_world_size():
+    if rng_file.is_file() and meta.dims.world_size == dist.get_world_size():
         set_rng_state(torch.load(rng_file, weights_only=True))
-    return TrainState(meta["step"], meta["consumed_samples"], meta.get("skipped_steps", 0))
+    return meta.state

@@ -18,6 +18,9 @@ import torch
 import torch.distributed as dist
 
 from megalm.config import Config
+from megalm.data.builder import build_datasets
+from megalm.data.sampler import MegatronPretrainingSampler, build_dataloader
+from megalm.data.tokenizer import build_tokenizer
 from megalm.errors import MegalmError
 from megalm.parallel.groups import ProcessGroups
 
@@ -47,9 +50,6 @@ class TrainData:
 
     @classmethod
     def build(cls, cfg: Config, groups: ProcessGroups) -> TrainData:
-        from megalm.data.builder import build_datasets
-        from megalm.data.tokenizer import build_tokenizer
-
         d, t = cfg.data, cfg.train
         if not d.train_prefixes:
             raise MegalmError("data.train_prefixes is empty: give the shard prefixes written by "
@@ -69,8 +69,6 @@ class TrainData:
         return cls(cfg, groups, tokenizer, train, valid)
 
     def _batches(self, dataset: Any, consumed: int, record: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        from megalm.data.sampler import MegatronPretrainingSampler, build_dataloader
-
         if dataset is None or len(dataset) == 0:
             raise MegalmError("the validation split is empty: give it documents (data.split) or set "
                               "train.eval_interval=0")

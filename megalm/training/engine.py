@@ -2,20 +2,25 @@
 
 Nothing is JIT-compiled: the optimizer is torch's fused AdamW passed as an object (DeepSpeed would
 otherwise build FusedAdam / cpu_adam with a compiler), and on CPU the shared-memory all-reduce op
-is switched off.
+is switched off. The touches below DeepSpeed's public API are in megalm.seams.
 """
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from megalm import seams
 from megalm.config import Config
 from megalm.errors import MegalmError
+from megalm.model.gpt import GPT
+from megalm.parallel.context import TensorParallel
 from megalm.parallel.groups import DeepSpeedMPU, ProcessGroups
+from megalm.parallel.pipeline import build_pipeline_module
 from megalm.training.ds_config import deepspeed_config
 from megalm.training.optimizer import build_optimizer
 from megalm.training.schedule import build_scheduler
@@ -27,13 +32,9 @@ def device_type() -> str:
 
 def init_deepspeed_runtime(timeout_minutes: float) -> None:
     """Hand our already-initialised torch.distributed group to deepspeed.comm (no MPI discovery)."""
-    import datetime
+    import deepspeed  # noqa: PLC0415 - heavy
 
-    import deepspeed
-    import deepspeed.ops
-
-    # deepspeed_shm_comm is only an inference all-reduce; building it costs ~90 s on CPU.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    seams.skip_op_build("deepspeed_shm_comm")  # an inference all-reduce; its build costs ~90 s on CPU
     deepspeed.init_distributed(
         dist_backend=torch.distributed.get_backend(),
         auto_mpi_discovery=False,
@@ -51,20 +52,16 @@ class Engine:
 
 def build_model(cfg: Config, groups: ProcessGroups) -> nn.Module:
     """The model this rank holds: the whole GPT, or its pipeline stage as a PipelineModule."""
+    tp = TensorParallel.from_groups(groups, sequence_parallel=cfg.parallel.sequence_parallel, seed=cfg.train.seed)
     if cfg.parallel.pipeline > 1:
-        from megalm.parallel.pipeline import build_pipeline_module
-
-        return build_pipeline_module(cfg, groups)
-    from megalm.model.gpt import GPT
-
-    tp_group = groups.tensor if groups.dims.tensor > 1 else None
-    return GPT(cfg.model, tp_group, sequence_parallel=cfg.parallel.sequence_parallel, seed=cfg.train.seed)
+        return build_pipeline_module(cfg, tp, groups.dims)
+    return GPT(cfg.model, tp)
 
 
 def build_engine(cfg: Config, groups: ProcessGroups, model: nn.Module | None = None) -> Engine:
     """`model`: a prebuilt build_model(cfg, groups) (e.g. holding converted weights, which must be in
     place before deepspeed.initialize copies them into the optimizer's fp32 masters)."""
-    import deepspeed
+    import deepspeed  # noqa: PLC0415 - heavy
 
     if cfg.train.precision == "fp16" and device_type() != "cuda":
         raise MegalmError("train.precision=fp16 needs a CUDA device (DeepSpeed's CPU accelerator has no "
@@ -83,20 +80,9 @@ def build_engine(cfg: Config, groups: ProcessGroups, model: nn.Module | None = N
         mpu=None if pipeline else DeepSpeedMPU(groups),  # a PipelineModule brings its own grid
         dist_init_required=False,
     )
-    _record_fp32_grad_norm(ds)
+    seams.record_fp32_grad_norm(ds)
     if not pipeline and cfg.zero.stage == 0 and groups.dims.data == 1:
-        ds.enable_backward_allreduce = False  # one data rank: DeepSpeed would flatten and copy every gradient
+        seams.skip_gradient_allreduce(ds)
     if cfg.train.compile:
         ds.compile()  # lazy: the first forward compiles the whole model into one graph
     return Engine(ds=ds, pipeline=pipeline)
-
-
-def _record_fp32_grad_norm(ds: Any) -> None:
-    """DeepSpeed's plain fp32 path (ZeRO-0) clips but throws the norm away: keep it for logging."""
-    from deepspeed.runtime.utils import clip_grad_norm_
-
-    def clip_and_record() -> None:
-        norm = clip_grad_norm_(ds.module.parameters(), max_norm=ds.gradient_clipping(), mpu=ds.mpu)
-        ds._global_grad_norm = float(norm)
-
-    ds.clip_fp32_gradients = clip_and_record

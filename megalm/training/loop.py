@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -16,44 +14,28 @@ import torch.distributed as dist
 
 from megalm.config import Config
 from megalm.errors import MegalmError
-from megalm.parallel.dims import ParallelDims
-from megalm.parallel.groups import ProcessGroups, build_process_groups, init_distributed
 from megalm.training import checkpoint as ckpt
-from megalm.training.engine import Engine, build_engine, device_type, init_deepspeed_runtime
+from megalm.training.checkpoint_meta import CheckpointMeta, TrainState
 from megalm.training.metrics import MetricsLogger, Throughput, device_peak_tflops, memory_gib
 from megalm.training.signals import PreemptionFlag
+from megalm.training.startup import Runtime, bootstrap
 
 
 @dataclass
 class Run:
-    """Everything built once at start-up."""
+    """Everything built once at start-up: the runtime (groups, data, engine) and the metrics sinks."""
 
-    cfg: Config
-    groups: ProcessGroups
-    engine: Engine
-    data: object  # megalm.training.data.TrainData
+    rt: Runtime
     logger: MetricsLogger
     throughput: Throughput
-    device: torch.device
+
+    @property
+    def cfg(self) -> Config:
+        return self.rt.cfg
 
 
 def setup(cfg: Config) -> Run:
-    launch = init_distributed(timeout_minutes=cfg.parallel.init_timeout_minutes)
-    cfg.validate(launch.world_size)
-    dims = ParallelDims.from_world(launch.world_size, tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline)
-    groups = build_process_groups(dims)
-    if cfg.logging.console:
-        pp, dp, tp = dims.coords(launch.rank)
-        print(f"megalm rank {launch.rank}/{launch.world_size} local {launch.local_rank} via {launch.launcher} "
-              f"on {os.environ.get('SLURMD_NODENAME') or socket.gethostname()}: pipeline {pp} data {dp} tensor {tp}",
-              flush=True)
-    init_deepspeed_runtime(cfg.parallel.init_timeout_minutes)
-    torch.manual_seed(cfg.train.seed)
-
-    from megalm.training.data import TrainData
-
-    data = TrainData.build(cfg, groups)
-    engine = build_engine(cfg, groups)
+    rt = bootstrap(cfg, data=True, announce=cfg.logging.console)
     run_dir = Path(cfg.train.run_dir)
     rank0 = dist.get_rank() == 0
     if rank0:
@@ -61,31 +43,22 @@ def setup(cfg: Config) -> Run:
         (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     logger = MetricsLogger(run_dir, enabled=rank0, console=cfg.logging.console,
                            tensorboard=cfg.logging.tensorboard, total_steps=cfg.train.steps)
-    from megalm.model.flops import flops_per_token_megatron, flops_per_token_palm
-
-    throughput = Throughput(
-        flops_per_token=flops_per_token_palm(cfg.model, cfg.data.seq_len),
-        flops_per_token_megatron=flops_per_token_megatron(
-            cfg.model, cfg.data.seq_len, recompute=cfg.model.activation_checkpointing),
-        world_size=dims.world_size,
-        peak_tflops=device_peak_tflops(cfg.logging.peak_tflops),
-    )
-    device = torch.device("cuda", torch.cuda.current_device()) if device_type() == "cuda" else torch.device("cpu")
-    return Run(cfg, groups, engine, data, logger, throughput, device)
+    throughput = Throughput.of_run(cfg, rt.dims.world_size, device_peak_tflops(cfg.logging.peak_tflops))
+    return Run(rt, logger, throughput)
 
 
-def train(cfg: Config) -> ckpt.TrainState:
+def train(cfg: Config) -> TrainState:
     """Train `cfg.train.steps` optimizer steps (resuming if a checkpoint says so); return the end state."""
     run = setup(cfg)
     state = _resume(run)
     preempt = PreemptionFlag().install()
-    batches = run.data.train_batches(state.consumed_samples)
+    batches = run.rt.data.train_batches(state.consumed_samples)
     nonfinite_in_a_row = 0
     try:
         while state.step < cfg.train.steps:
             t0 = time.perf_counter()
-            lr = run.engine.ds.get_lr()[0]  # the rate this step uses (the scheduler steps after it)
-            loss, wait = train_step(run, batches)
+            lr = run.rt.engine.ds.get_lr()[0]  # the rate this step uses (the scheduler steps after it)
+            loss, wait = train_step(run.rt, batches)
             state = replace(state, step=state.step + 1,
                             consumed_samples=state.consumed_samples + cfg.train.global_batch_size)
             finite = math.isfinite(loss)  # a non-finite step was skipped by the optimizer
@@ -100,7 +73,7 @@ def train(cfg: Config) -> ckpt.TrainState:
                 )
             if cfg.train.eval_interval and state.step % cfg.train.eval_interval == 0:
                 evaluate(run, state.step)
-            stop = preempt.should_stop(run.device)
+            stop = preempt.should_stop(run.rt.device)
             interval = cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0
             if stop or interval:
                 save(run, state)
@@ -118,25 +91,25 @@ def train(cfg: Config) -> ckpt.TrainState:
         run.logger.close()
 
 
-def train_step(run: Run, batches: Iterator) -> tuple[float, float]:
+def train_step(rt: Runtime, batches: Iterator) -> tuple[float, float]:
     """One optimizer step over a global batch; return (mean loss over the global batch, data wait s)."""
-    engine = run.engine
+    engine = rt.engine
     if engine.pipeline:
         timed = _TimedIterator(batches)
         loss = engine.ds.train_batch(data_iter=timed)
         return float(loss), timed.wait
     losses, wait = [], 0.0
-    for _ in range(run.cfg.train.grad_accum_steps):
+    for _ in range(rt.cfg.train.grad_accum_steps):
         t0 = time.perf_counter()
         tokens, labels = next(batches)
         wait += time.perf_counter() - t0
-        loss = engine.ds(tokens.to(run.device), labels.to(run.device))
+        loss = engine.ds(tokens.to(rt.device), labels.to(rt.device))
         engine.ds.backward(loss)
         engine.ds.step()
         losses.append(loss.detach().float())
     mean = torch.stack(losses).mean()
-    dist.all_reduce(mean, group=run.groups.data)  # every TP rank already holds the same loss
-    return mean.item() / run.groups.dims.data, wait
+    dist.all_reduce(mean, group=rt.groups.data)  # every TP rank already holds the same loss
+    return mean.item() / rt.dims.data, wait
 
 
 class _TimedIterator:
@@ -158,8 +131,9 @@ class _TimedIterator:
 @torch.no_grad()
 def evaluate(run: Run, step: int) -> float:
     """Mean validation loss over `train.eval_steps` global batches (the same batches every time)."""
-    cfg, engine = run.cfg, run.engine
-    batches = run.data.valid_batches()
+    cfg, rt = run.cfg, run.rt
+    engine, device = rt.engine, rt.device
+    batches = rt.data.valid_batches()
     engine.ds.eval()
     losses = []
     for _ in range(cfg.train.eval_steps):
@@ -168,22 +142,22 @@ def evaluate(run: Run, step: int) -> float:
             continue
         for _ in range(cfg.train.grad_accum_steps):
             tokens, labels = next(batches)
-            losses.append(float(engine.ds(tokens.to(run.device), labels.to(run.device))))
+            losses.append(float(engine.ds(tokens.to(device), labels.to(device))))
     engine.ds.train()
-    mean = torch.tensor([sum(losses) / len(losses)], dtype=torch.float64, device=run.device)
+    mean = torch.tensor([sum(losses) / len(losses)], dtype=torch.float64, device=device)
     if not engine.pipeline:
-        dist.all_reduce(mean, group=run.groups.data)
-        mean /= run.groups.dims.data
+        dist.all_reduce(mean, group=rt.groups.data)
+        mean /= rt.dims.data
     val_loss = mean.item()
     run.logger.log(step, {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
     return val_loss
 
 
-def _log_step(run: Run, state: ckpt.TrainState, loss: float, lr: float, seconds: float, wait: float) -> None:
+def _log_step(run: Run, state: TrainState, loss: float, lr: float, seconds: float, wait: float) -> None:
     cfg = run.cfg
     if state.step % cfg.train.log_interval and state.step != cfg.train.steps:
         return
-    norm = run.engine.ds.get_global_grad_norm()
+    norm = run.rt.engine.ds.get_global_grad_norm()
     scalars = {
         "loss": loss,
         "lr": lr,
@@ -198,50 +172,37 @@ def _log_step(run: Run, state: ckpt.TrainState, loss: float, lr: float, seconds:
     run.logger.log(state.step, scalars)
 
 
-def save(run: Run, state: ckpt.TrainState) -> None:
-    cfg = run.cfg
-    dims = run.groups.dims
-    metadata = {
-        "megalm_version": _version(),
-        "config_yaml": cfg.to_yaml(),
-        "parallel": {"tensor": dims.tensor, "pipeline": dims.pipeline, "data": dims.data},
-        "world_size": dims.world_size,
-        "tokenizer": run.data.tokenizer_info(),
-    }
-    ckpt.save_checkpoint(run.engine.ds, Path(cfg.train.run_dir) / "checkpoints", state, metadata,
-                         run.data.tokenizer_files(), cfg.checkpoint.keep_last)
+def save(run: Run, state: TrainState) -> None:
+    rt = run.rt
+    meta = CheckpointMeta.of_run(rt.cfg, rt.dims, state, rt.data.tokenizer_info())
+    ckpt.save_checkpoint(rt.engine.ds, Path(rt.cfg.train.run_dir) / "checkpoints", meta,
+                         rt.data.tokenizer_files(), rt.cfg.checkpoint.keep_last)
 
 
-def _resume(run: Run) -> ckpt.TrainState:
-    cfg = run.cfg
+def _resume(run: Run) -> TrainState:
+    cfg, rt = run.cfg, run.rt
     target = ckpt.resolve_load(cfg.checkpoint.load, Path(cfg.train.run_dir) / "checkpoints")
     if target is None:
-        return ckpt.TrainState()
-    saved = ckpt.read_metadata(*target)["parallel"]
+        return TrainState()
+    saved = CheckpointMeta.read(target[0] / target[1]).dims
     load_optimizer = not cfg.checkpoint.reset_optimizer
-    if saved["data"] != run.groups.dims.data and cfg.zero.stage >= 1 and load_optimizer:
+    if saved.data != rt.dims.data and cfg.zero.stage >= 1 and load_optimizer:
         raise MegalmError(
-            f"the checkpoint was written with data parallel {saved['data']}, this run has "
-            f"{run.groups.dims.data}; ZeRO-{cfg.zero.stage} optimizer states are partitioned by data-parallel "
+            f"the checkpoint was written with data parallel {saved.data}, this run has "
+            f"{rt.dims.data}; ZeRO-{cfg.zero.stage} optimizer states are partitioned by data-parallel "
             "rank: resume with the same data-parallel size, or set checkpoint.reset_optimizer=true"
         )
-    if saved["data"] != run.groups.dims.data and cfg.zero.stage == 3:
+    if saved.data != rt.dims.data and cfg.zero.stage == 3:
         raise MegalmError("ZeRO-3 checkpoints resume only with the data-parallel size they were written with")
-    state = ckpt.load_checkpoint(run.engine.ds, *target, load_optimizer=load_optimizer)
+    state = ckpt.load_checkpoint(rt.engine.ds, *target, load_optimizer=load_optimizer)
     if dist.get_rank() == 0 and cfg.logging.console:
         print(f"resumed from {target[0] / target[1]}: step {state.step}, "
               f"{state.consumed_samples} samples consumed", flush=True)
     return state
 
 
-def _write_status(run: Run, state: ckpt.TrainState, kind: str) -> None:
+def _write_status(run: Run, state: TrainState, kind: str) -> None:
     """RUN_DIR/status.json tells a job script whether training completed or stopped for preemption."""
     if dist.get_rank() == 0:
         status = {"state": kind, "step": state.step, "consumed_samples": state.consumed_samples}
         ckpt.atomic_write_text(Path(run.cfg.train.run_dir) / "status.json", json.dumps(status))
-
-
-def _version() -> str:
-    from megalm import __version__
-
-    return __version__

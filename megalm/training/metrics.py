@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from megalm.config import Config
+from megalm.model.flops import flops_per_token_megatron, flops_per_token_palm
 
 # Dense bf16 tensor-core peaks, TFLOP/s per device (vendor datasheets, SXM parts).
 PEAK_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A800": 312.0}
@@ -41,6 +45,14 @@ class Throughput:
     world_size: int
     peak_tflops: float
 
+    @classmethod
+    def of_run(cls, cfg: Config, world_size: int, peak_tflops: float) -> Throughput:
+        """FLOPs per token of the run's model at its sequence length in both conventions (Megatron's
+        counts the recomputed forward when model.activation_checkpointing is on)."""
+        m, seq = cfg.model, cfg.data.seq_len
+        return cls(flops_per_token_palm(m, seq), flops_per_token_megatron(m, seq, recompute=m.activation_checkpointing),
+                   world_size, peak_tflops)
+
     def step_metrics(self, tokens: int, seconds: float) -> dict[str, float]:
         tokens_per_s = tokens / max(seconds, 1e-9)
         tflops = tokens_per_s * self.flops_per_token / self.world_size / 1e12
@@ -56,8 +68,6 @@ def memory_gib() -> float:
     """Peak memory of this process: CUDA allocator peak, or the resident set on CPU."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
@@ -80,7 +90,7 @@ class MetricsLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         if self.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - heavy, only with logging.tensorboard
 
             self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
 

@@ -14,13 +14,12 @@ import torch.distributed as dist
 from torch import nn
 
 from megalm.config import OptimizerConfig
+from megalm.model.gpt import Embedding, Head
 
 
 def embedding_parameters(model: nn.Module) -> set[int]:
     """ids of the token/position embeddings and the output head, found by module type (parameter
     names differ between the plain model and a PipelineModule)."""
-    from megalm.model.gpt import Embedding, Head
-
     found: set[int] = set()
     for module in model.modules():
         if isinstance(module, (Embedding, Head, nn.Embedding)):

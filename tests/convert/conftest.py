@@ -27,10 +27,10 @@ LAYOUTS = {
 def train_run(run_dir: Path, world: int, overrides: list[str], config: str = TINY) -> list[float]:
     """Train `config` (default configs/tiny.yaml) on `world` gloo ranks; return rank 0's per-step losses."""
     from megalm.testing.distributed import run_distributed_test
-    from megalm.testing.parity import _train_rank
+    from megalm.testing.parity import train_rank
 
     args = (config, [*COMMON, f"train.run_dir={run_dir}", *overrides])
-    return run_distributed_test(_train_rank, world, args=args, timeout=600, env={"DS_ACCELERATOR": "cpu"})[0]
+    return run_distributed_test(train_rank, world, args=args, timeout=600, env={"DS_ACCELERATOR": "cpu"})[0]
 
 
 @pytest.fixture(scope="session")

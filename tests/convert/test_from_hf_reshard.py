@@ -30,7 +30,7 @@ def test_from_hf_round_trip_is_bitwise_and_training_resumes(checkpoints, convert
     run = tmp_path / "run"
     ckpt = from_hf(x, run, tensor=1, pipeline=2, overrides=["train.precision=bf16", "zero.stage=1",
                                                                    "train.micro_batch_size=4", "train.global_batch_size=8"])
-    meta = open_checkpoint(run).meta
+    meta = open_checkpoint(run).meta.to_dict()
     assert meta["parallel"] == {"tensor": 1, "pipeline": 2, "data": 1} and meta["step"] == 0
     assert (run / "checkpoints" / "latest").read_text() == ckpt.name
     y = tmp_path / "y"
@@ -70,7 +70,7 @@ def test_reshard_keeps_the_loss(checkpoints, convert_shards, trainer, tmp_path, 
     reshard(src, out, tensor=tp, pipeline=pp)
     before, after = read_state(open_checkpoint(src))[0], read_state(open_checkpoint(out))[0]
     assert all(torch.equal(before[k], after[k]) for k in before)
-    meta = open_checkpoint(out).meta
+    meta = open_checkpoint(out).meta.to_dict()
     assert meta["step"] == 3 and meta["consumed_samples"] == 24
     reference = _next_loss(trainer, src, 4, convert_shards, 4)  # step 4 of the TP2 PP2 run
     resharded = _next_loss(trainer, out, world, convert_shards, 4)

@@ -68,3 +68,25 @@ def test_byte_tokenizer_maps_every_byte_to_its_id(tmp_path):
     every = bytes(range(256)).decode("latin-1")  # code points 0..255 -> UTF-8 of 1-2 bytes each
     assert tok.encode(every).ids == list(every.encode("utf-8"))
     assert tok.decode(list(every.encode("utf-8"))) == every
+
+
+@pytest.mark.parametrize("kind", ["byte", "sp_bpe", "sp_unigram", "bytelevel"])
+def test_generated_completion_reads_as_transformers_decodes_the_whole_sequence(kind, corpus, tmp_path):
+    # tools/generate.py prints prompt + completion; decoding the new ids alone drops sentencepiece's
+    # leading word boundary ("Once upon a time" + "the same")
+    from megalm.convert.hf_tokenizer import export_tokenizer
+    from megalm.data.tokenizer import build_tokenizer
+    from megalm.inference.load import TextCodec
+
+    ours = build_tokenizer({"byte": "byte", "bytelevel": "hf"}.get(kind, "sentencepiece"), _trained(kind, corpus, tmp_path))
+    export_tokenizer(ours, tmp_path / "hf")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    prompt = "Once upon a time"
+    codecs = [TextCodec(ours, ours.eod, ours.pad), TextCodec(hf, hf.eos_token_id, hf.pad_token_id, hf=True)]
+    for continuation in (" the same", "ly, héllo 日本", ", and\nthen"):
+        ids, new = ours.encode(prompt), ours.encode(continuation)
+        whole = hf.decode(ids + new)
+        for codec in codecs:
+            assert prompt + codec.completion(ids, new) == whole, (kind, continuation, codec.hf)
+    if kind.startswith("sp_"):  # the bug this guards against: the new ids decoded alone
+        assert prompt + ours.decode(ours.encode(" the same")) != hf.decode(ours.encode(prompt + " the same"))

@@ -3,21 +3,22 @@
 import pytest
 
 from megalm.config import ModelConfig
-from megalm.model import GPT, resolve_model_config
+from megalm.model import GPT
 from megalm.model.flops import (
     count_module_parameters,
     count_parameters,
     flops_per_token_megatron,
     flops_per_token_palm,
 )
+from megalm.parallel.context import TensorParallel
 
-GPT2_124M = resolve_model_config(ModelConfig(
+GPT2_124M = ModelConfig(
     arch="gpt2", hidden_size=768, num_layers=12, num_heads=12, vocab_size=50257, max_seq_len=1024,
-))
-LLAMA_7B = resolve_model_config(ModelConfig(
+)
+LLAMA_7B = ModelConfig(
     arch="llama", hidden_size=4096, num_layers=32, num_heads=32, ffn_hidden_size=11008,
     vocab_size=32000, max_seq_len=4096,
-))
+)
 
 
 def test_parameter_counts_of_published_models():
@@ -41,10 +42,10 @@ def test_megatron_flops_gpt2_matches_the_papers_formula():
 
 
 def test_megatron_flops_llama_gqa_swiglu():
-    cfg = resolve_model_config(ModelConfig(
+    cfg = ModelConfig(
         arch="llama", hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=2, ffn_hidden_size=160,
         vocab_size=1000,
-    ))
+    )
     # per layer matmul weights: qkv 64*(8+4)*8 = 6144, o 4096, mlp 3*64*160 = 30720 -> 40960
     forward = 2 * 2 * 40960 + 4 * 2 * 128 * 64 + 2 * 64 * 1000
     assert flops_per_token_megatron(cfg, 128) == 3 * forward
@@ -52,10 +53,10 @@ def test_megatron_flops_llama_gqa_swiglu():
 
 @pytest.mark.parametrize("arch,tie", [("llama", False), ("llama", True), ("gpt2", True)])
 def test_analytic_count_equals_built_model(arch, tie):
-    cfg = resolve_model_config(ModelConfig(
+    cfg = ModelConfig(
         arch=arch, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2 if arch == "llama" else 4,
         vocab_size=128, max_seq_len=16, tie_embeddings=tie,
-    ))
-    model = GPT(cfg, None, seed=0)  # vocab 128 is a multiple of 64: no padding rows
+    )
+    model = GPT(cfg, TensorParallel.build(None, seed=0))  # vocab 128 is a multiple of 64: no padding rows
     assert count_module_parameters(model) == count_parameters(cfg)
     assert count_module_parameters(model, embeddings=False) == count_parameters(cfg, embeddings=False)

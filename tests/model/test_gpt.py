@@ -6,14 +6,20 @@ import torch
 
 from megalm.config import ModelConfig
 from megalm.errors import MegalmError
-from megalm.model import GPT, Block, Embedding, FinalNorm, GPTLoss, Head, resolve_model_config
+from megalm.model import GPT, PIPELINE_LAYERS, Block, Embedding, FinalNorm, Head
+from megalm.parallel.context import TensorParallel
+from megalm.parallel.loss import GPTLoss
 
 
 def _cfg(arch="llama", **kw):
     base = dict(arch=arch, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2 if arch == "llama" else 4,
                 vocab_size=300, max_seq_len=48)
     base.update(kw)
-    return resolve_model_config(ModelConfig(**base))
+    return ModelConfig(**base)
+
+
+def _tp(seed=1234):
+    return TensorParallel.build(None, seed=seed)
 
 
 def _tokens(b=2, s=20, vocab=300, seed=0):
@@ -23,11 +29,11 @@ def _tokens(b=2, s=20, vocab=300, seed=0):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_stages_built_alone_have_the_full_models_weights_and_chain(arch):
     cfg = _cfg(arch, tie_embeddings=False)
-    model = GPT(cfg, None, seed=9)
-    kw = dict(tp_group=None, seed=9)
-    stages = [Embedding(cfg, **kw)] + [Block(cfg, i, **kw) for i in range(cfg.num_layers)]
-    stages += [FinalNorm(cfg), Head(cfg, **kw)]
-    block2 = Block(cfg, 2, **kw)  # only layer 2, as a pipeline stage would build it
+    tp = TensorParallel.build(None, seed=9)
+    model = GPT(cfg, tp)
+    stages = [Embedding(cfg, tp)] + [Block(cfg, i, tp) for i in range(cfg.num_layers)]
+    stages += [FinalNorm(cfg, tp), Head(cfg, tp)]
+    block2 = Block(cfg, 2, tp)  # only layer 2, as a pipeline stage would build it
     for (name, p), (_, q) in zip(model.blocks[2].named_parameters(), block2.named_parameters(), strict=True):
         assert torch.equal(p, q), name
     full = [model.embedding, *model.blocks, model.final_norm, model.head]
@@ -39,17 +45,29 @@ def test_stages_built_alone_have_the_full_models_weights_and_chain(arch):
         h = stage(h)
     assert torch.equal(h, model(tokens))
     labels = _tokens(seed=1)
-    assert torch.equal(GPTLoss(cfg, None)(h, labels), model(tokens, labels))
+    assert torch.equal(GPTLoss(cfg, tp)(h, labels), model(tokens, labels))
+
+
+def test_pipeline_layer_order_is_the_models_module_order():
+    from megalm.parallel.pipeline import gpt_name
+
+    for tie in (False, True):
+        names = [n for n, _ in GPT(_cfg(tie_embeddings=tie), _tp()).named_children()]
+        assert names == list(PIPELINE_LAYERS[:3]) + ([] if tie else ["head"])
+    # pipeline layer index -> GPT name, as the checkpoint reader and writer map them (3 blocks)
+    assert [gpt_name(f"{i}.w", 3) for i in range(6)] == [
+        "embedding.w", "blocks.0.w", "blocks.1.w", "blocks.2.w", "final_norm.w", "head.w"]
+    assert gpt_name("tied_modules.embed.word.weight", 3) == "embedding.word.weight"
 
 
 def test_seed_changes_and_reproduces_init():
     cfg = _cfg()
-    a, b, c = GPT(cfg, None, seed=1), GPT(cfg, None, seed=1), GPT(cfg, None, seed=2)
+    a, b, c = GPT(cfg, _tp(1)), GPT(cfg, _tp(1)), GPT(cfg, _tp(2))
     assert torch.equal(a.blocks[0].attn.qkv.weight, b.blocks[0].attn.qkv.weight)
     assert not torch.equal(a.blocks[0].attn.qkv.weight, c.blocks[0].attn.qkv.weight)
     assert not torch.equal(a.blocks[0].attn.qkv.weight, a.blocks[1].attn.qkv.weight)
     # init_std for inputs, init_std / sqrt(2 L) for output projections
-    big = GPT(_cfg(hidden_size=256, num_heads=4, num_kv_heads=4, ffn_hidden_size=512, num_layers=8), None, seed=0)
+    big = GPT(_cfg(hidden_size=256, num_heads=4, num_kv_heads=4, ffn_hidden_size=512, num_layers=8), _tp(0))
     assert abs(big.blocks[0].attn.qkv.weight.std().item() - 0.02) < 1e-3
     assert abs(big.blocks[0].mlp.fc2.weight.std().item() - 0.02 / 4) < 3e-4
     assert torch.count_nonzero(big.embedding.word.weight[300:]) == 0  # vocabulary padding
@@ -57,7 +75,7 @@ def test_seed_changes_and_reproduces_init():
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_kv_cache_generation_equals_full_recompute(arch):
-    model = GPT(_cfg(arch), None, seed=4).eval()
+    model = GPT(_cfg(arch), _tp(4)).eval()
     prompt = _tokens(b=2, s=7)
     cache = model.new_cache(batch=2, max_len=30)
     seq = prompt
@@ -76,8 +94,8 @@ def test_kv_cache_generation_equals_full_recompute(arch):
 
 def test_bf16_forward_close_to_fp32():
     cfg = _cfg()
-    fp32 = GPT(cfg, None, seed=5)
-    bf16 = GPT(cfg, None, seed=5).to(torch.bfloat16)
+    fp32 = GPT(cfg, _tp(5))
+    bf16 = GPT(cfg, _tp(5)).to(torch.bfloat16)
     tokens = _tokens()
     with torch.no_grad():
         diff = (bf16.logits_full(tokens).float() - fp32.logits_full(tokens)).abs().max().item()
@@ -87,7 +105,7 @@ def test_bf16_forward_close_to_fp32():
 
 def _train_grads(cfg, seed=0):
     torch.manual_seed(seed)
-    model = GPT(cfg, None, seed=7).train()
+    model = GPT(cfg, _tp(7)).train()
     losses = []
     for step in range(2):  # two steps: the dropout streams must continue identically
         model.zero_grad()
@@ -107,7 +125,7 @@ def test_activation_checkpointing_gives_identical_gradients(dropout):
 
 
 def test_dropout_is_active_in_training_only():
-    model = GPT(_cfg(dropout=0.5), None, seed=1)
+    model = GPT(_cfg(dropout=0.5), _tp(1))
     tokens = _tokens()
     with torch.no_grad():
         model.eval()
@@ -117,9 +135,10 @@ def test_dropout_is_active_in_training_only():
 
 
 def test_errors_name_the_fix():
-    with pytest.raises(MegalmError, match="not resolved"):
-        GPT(ModelConfig(hidden_size=32, num_heads=4, vocab_size=100), None)
-    model = GPT(_cfg(arch="gpt2", max_seq_len=16), None, seed=0)
+    bare = ModelConfig(hidden_size=32, num_heads=4, vocab_size=100)  # derived values filled on construction
+    assert (bare.num_kv_heads, bare.ffn_hidden_size, bare.tie_embeddings) == (4, 256, False)
+    assert GPT(bare, _tp()).blocks[0].mlp.fc1.weight.shape == (2 * 256, 32)
+    model = GPT(_cfg(arch="gpt2", max_seq_len=16), _tp(0))
     with pytest.raises(MegalmError, match="max_seq_len"):
         model(_tokens(s=20))
     with pytest.raises(MegalmError, match="KV cache holds 8"):

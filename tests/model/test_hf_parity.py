@@ -5,7 +5,8 @@ import torch
 
 from megalm.config import ModelConfig
 from megalm.convert.hf_names import gpt2_from_hf, llama_from_hf, split_qkv
-from megalm.model import GPT, resolve_model_config
+from megalm.model import GPT
+from megalm.parallel.context import TensorParallel
 
 transformers = pytest.importorskip("transformers")
 
@@ -21,12 +22,12 @@ def _llama_pair(tie: bool, kv_heads: int):
     )
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-    cfg = resolve_model_config(ModelConfig(
+    cfg = ModelConfig(
         arch="llama", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=kv_heads,
         ffn_hidden_size=96, vocab_size=VOCAB, max_seq_len=64, norm_eps=1e-6, rope_theta=500000.0,
         tie_embeddings=tie,
-    ))
-    ours = GPT(cfg, None, seed=3).eval()
+    )
+    ours = GPT(cfg, TensorParallel.build(None, seed=3)).eval()
     state = hf.state_dict()
     ours.load_state_dict(llama_from_hf(state, cfg, ours.padded_vocab_size), strict=True)
     return hf, ours
@@ -43,10 +44,10 @@ def _gpt2_pair():
         for name, p in hf.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.1)
-    cfg = resolve_model_config(ModelConfig(
+    cfg = ModelConfig(
         arch="gpt2", hidden_size=64, num_layers=2, num_heads=4, vocab_size=VOCAB, max_seq_len=64,
-    ))
-    ours = GPT(cfg, None, seed=3).eval()
+    )
+    ours = GPT(cfg, TensorParallel.build(None, seed=3)).eval()
     ours.load_state_dict(gpt2_from_hf(hf.state_dict(), cfg, ours.padded_vocab_size), strict=True)
     return hf, ours
 

@@ -11,18 +11,20 @@ import torch
 import torch.distributed as dist
 
 from megalm.config import ModelConfig
-from megalm.model import GPT, resolve_model_config
-from megalm.parallel.layers import strip_vocab_padding, unshard_tensor
+from megalm.model import GPT
+from megalm.parallel.context import TensorParallel
+from megalm.parallel.layers import unshard_tensor
+from megalm.parallel.vocab import strip_vocab_padding
 from megalm.testing.distributed import run_distributed_test
 
 TOL = 1e-5
 
 
 def _cfg(arch: str, vocab: int, heads: int, kv_heads: int, **kw) -> ModelConfig:
-    return resolve_model_config(ModelConfig(
+    return ModelConfig(
         arch=arch, hidden_size=32 * heads // 4 if heads > 4 else 32, num_layers=2, num_heads=heads,
         num_kv_heads=kv_heads, ffn_hidden_size=64, vocab_size=vocab, max_seq_len=32, **kw,
-    ))
+    )
 
 
 def _gather_full(t: torch.Tensor, param, group) -> torch.Tensor:
@@ -59,7 +61,8 @@ def _one_case(cfg: ModelConfig, group, sequence_parallel: bool, seed: int = 11) 
     labels = torch.randint(0, cfg.vocab_size, (2, 16), generator=g)
     labels[0, :3] = -100
     unfused = dataclasses.replace(cfg, loss_chunk_tokens=0)
-    model, ref = GPT(cfg, group, sequence_parallel, seed=seed), GPT(unfused, None, seed=seed)
+    model = GPT(cfg, TensorParallel.build(group, sequence_parallel=sequence_parallel, seed=seed))
+    ref = GPT(unfused, TensorParallel.build(None, seed=seed))
     loss, ref_loss = model(tokens, labels), ref(tokens, labels)
     loss.backward()
     ref_loss.backward()
@@ -74,8 +77,8 @@ def _bf16_case(group) -> dict:
     """bf16 TP model against the fp32 TP=1 model (same weights, rounded to bf16)."""
     cfg = _cfg("llama", 1001, 4, 2)
     tokens = torch.randint(0, 1001, (2, 16), generator=torch.Generator().manual_seed(6))
-    model = GPT(cfg, group, True, seed=3).to(torch.bfloat16)
-    ref = GPT(cfg, None, seed=3)
+    model = GPT(cfg, TensorParallel.build(group, sequence_parallel=True, seed=3)).to(torch.bfloat16)
+    ref = GPT(cfg, TensorParallel.build(None, seed=3))
     with torch.no_grad():
         got = model.logits_full(tokens).float()
         expect = ref.logits_full(tokens)
@@ -87,7 +90,8 @@ def _dropout_case(group) -> dict:
     grads, losses = [], []
     for ckpt in (False, True):
         torch.manual_seed(0)  # the trainer seeds the default generator alike on the tensor ranks
-        model = GPT(_cfg("llama", 1001, 4, 2, dropout=0.1, activation_checkpointing=ckpt), group, True, seed=2)
+        cfg = _cfg("llama", 1001, 4, 2, dropout=0.1, activation_checkpointing=ckpt)
+        model = GPT(cfg, TensorParallel.build(group, sequence_parallel=True, seed=2))
         for step in range(2):
             model.zero_grad()
             tokens = torch.randint(0, 1001, (2, 16), generator=torch.Generator().manual_seed(step))

@@ -13,11 +13,10 @@ from megalm.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
-    padded_vocab_size,
     shard_tensor,
-    strip_vocab_padding,
 )
 from megalm.parallel.random import TensorParallelRNG, init_generator, normal_init
+from megalm.parallel.vocab import padded_vocab_size, strip_vocab_padding
 from megalm.testing.distributed import run_distributed_test
 
 WORLD = 2
@@ -183,11 +182,12 @@ def _check_rng() -> dict:
 
 def _check_errors() -> dict:
     from megalm.config import ModelConfig
-    from megalm.model import Block, resolve_model_config
+    from megalm.model import Block
+    from megalm.parallel.context import TensorParallel
 
-    cfg = resolve_model_config(ModelConfig(hidden_size=32, num_heads=4, num_kv_heads=1, num_layers=1, vocab_size=64))
+    cfg = ModelConfig(hidden_size=32, num_heads=4, num_kv_heads=1, num_layers=1, vocab_size=64)
     try:
-        Block(cfg, 0, tp_group=dist.group.WORLD, seed=0)
+        Block(cfg, 0, TensorParallel.build(dist.group.WORLD, seed=0))
         mqa = ""
     except MegalmError as e:
         mqa = str(e)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from megalm.testing.distributed import DistributedTestError, free_port, run_distributed_test
-from megalm.testing.parity import _train_rank
+from megalm.testing.parity import train_rank
 from megalm.testing.runs import TINY, read_metrics, step_losses, train_env
 
 # slow steps (32 micro-batches per step on 2 ranks) so a signal or a kill lands mid-run
@@ -78,14 +78,14 @@ def test_resume_with_other_data_parallel_size_continues_the_stream(byte_shards, 
               f"zero.stage={zero}", "logging.sample_ids=true", "logging.tensorboard=false",
               "train.eval_interval=0", "checkpoint.interval=0"]
     run_dir = tmp_path / "run"
-    run_distributed_test(_train_rank, 2, args=(TINY, [*common, "train.steps=6", f"train.run_dir={run_dir}"]),
+    run_distributed_test(train_rank, 2, args=(TINY, [*common, "train.steps=6", f"train.run_dir={run_dir}"]),
                          env={"DS_ACCELERATOR": "cpu"})
     resume = [*common, "train.steps=12", f"train.run_dir={run_dir}"]
     if zero:
         with pytest.raises(DistributedTestError, match="set checkpoint.reset_optimizer=true"):
-            run_distributed_test(_train_rank, 4, args=(TINY, resume), env={"DS_ACCELERATOR": "cpu"})
+            run_distributed_test(train_rank, 4, args=(TINY, resume), env={"DS_ACCELERATOR": "cpu"})
         resume.append("checkpoint.reset_optimizer=true")
-    run_distributed_test(_train_rank, 4, args=(TINY, resume), env={"DS_ACCELERATOR": "cpu"})
+    run_distributed_test(train_rank, 4, args=(TINY, resume), env={"DS_ACCELERATOR": "cpu"})
     ids = [i for f in sorted((run_dir / "sample_ids").glob("rank*.jsonl"))
            for line in f.read_text().splitlines() for i in json.loads(line)]
     assert sorted(ids) == list(range(12 * 8))  # nothing repeated, nothing skipped
@@ -93,7 +93,7 @@ def test_resume_with_other_data_parallel_size_continues_the_stream(byte_shards, 
         return
     # and the losses continue as a straight single-layout run would (same samples per step)
     straight = tmp_path / "straight"
-    run_distributed_test(_train_rank, 2, args=(TINY, [*common, "train.steps=12", f"train.run_dir={straight}"]),
+    run_distributed_test(train_rank, 2, args=(TINY, [*common, "train.steps=12", f"train.run_dir={straight}"]),
                          env={"DS_ACCELERATOR": "cpu"})
     a, b = step_losses(straight), step_losses(run_dir)
     assert max(abs(a[s] - b[s]) / a[s] for s in range(1, 13)) <= 1e-5

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from megalm.testing.distributed import run_distributed_test
-from megalm.testing.parity import _train_rank
+from megalm.testing.parity import train_rank
 from megalm.testing.runs import TINY, read_metrics, step_losses, train_env
 
 STEP_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tflops", "tflops_megatron", "mfu",
@@ -22,7 +22,7 @@ def test_tp2_run_writes_metrics_tensorboard_and_checkpoints(byte_shards, tmp_pat
     overrides = [f"data.train_prefixes=[{byte_shards}]", f"train.run_dir={run_dir}", "parallel.tensor=2",
                  "train.steps=6", "train.eval_interval=3", "checkpoint.interval=2", "checkpoint.keep_last=2",
                  "logging.peak_tflops=0.5", "train.precision=bf16"]
-    run_distributed_test(_train_rank, 2, args=(TINY, overrides), env={"DS_ACCELERATOR": "cpu"})
+    run_distributed_test(train_rank, 2, args=(TINY, overrides), env={"DS_ACCELERATOR": "cpu"})
 
     rows = read_metrics(run_dir)
     steps = [r for r in rows if "loss" in r]
@@ -96,7 +96,7 @@ def test_compiled_tp2_sequence_parallel_matches_eager(byte_shards, tmp_path):
                      "parallel.sequence_parallel=true", "train.steps=3", "train.eval_interval=0",
                      "checkpoint.save_at_end=false", "train.precision=fp32", "model.loss_chunk_tokens=100",
                      "logging.tensorboard=false", f"train.compile={str(compiled).lower()}"]
-        run_distributed_test(_train_rank, 2, args=(TINY, overrides), env={"DS_ACCELERATOR": "cpu"}, timeout=600)
+        run_distributed_test(train_rank, 2, args=(TINY, overrides), env={"DS_ACCELERATOR": "cpu"}, timeout=600)
         losses[compiled] = step_losses(run_dir)
     assert sorted(losses[True]) == [1, 2, 3]
     for step, loss in losses[False].items():

@@ -9,18 +9,16 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from megalm import seams
 from megalm.config import Config
-from megalm.model.flops import flops_per_token_megatron, flops_per_token_palm
-from megalm.parallel.dims import ParallelDims
-from megalm.parallel.groups import build_process_groups, init_distributed
-from megalm.training.engine import build_engine, device_type, init_deepspeed_runtime
-from megalm.training.loop import Run, train_step
-from megalm.training.metrics import MetricsLogger, Throughput, device_peak_tflops, memory_gib
+from megalm.training.engine import device_type
+from megalm.training.loop import train_step
+from megalm.training.metrics import Throughput, device_peak_tflops, memory_gib
+from megalm.training.startup import Runtime, bootstrap
 
 
 def synthetic_batches(cfg: Config, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -46,34 +44,18 @@ def measured_peak_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
-def setup_run(cfg: Config) -> Run:
-    launch = init_distributed(timeout_minutes=cfg.parallel.init_timeout_minutes)
-    cfg.validate(launch.world_size)
-    dims = ParallelDims.from_world(launch.world_size, tensor=cfg.parallel.tensor, pipeline=cfg.parallel.pipeline)
-    groups = build_process_groups(dims)
-    init_deepspeed_runtime(cfg.parallel.init_timeout_minutes)
-    torch.manual_seed(cfg.train.seed)
-    engine = build_engine(cfg, groups)
-    device = torch.device("cuda", torch.cuda.current_device()) if device_type() == "cuda" else torch.device("cpu")
-    throughput = Throughput(flops_per_token_palm(cfg.model, cfg.data.seq_len),
-                            flops_per_token_megatron(cfg.model, cfg.data.seq_len), dims.world_size, 0.0)
-    logger = MetricsLogger(Path(cfg.train.run_dir), enabled=False)
-    return Run(cfg, groups, engine, None, logger, throughput, device)
-
-
 def hf_step_fn(cfg: Config, compile_model: bool, precision: str = "bf16") -> Callable[[tuple[torch.Tensor, torch.Tensor]], float]:
     """A plain PyTorch training step of transformers' LlamaForCausalLM with the same shape, as its
     users write it: the loss computed by the model from `labels` (so torch.compile fuses it too),
     AdamW (torch's fused kernel), gradient clipping. precision (for a bf16 run): "bf16" casts the
     model to bf16 (the faster peer here), "autocast" keeps fp32 weights under bf16 autocast."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415 - heavy, only with --compare-hf
 
     m = cfg.model
     hf_cfg = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
                          num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
                          num_key_value_heads=m.num_kv_heads, max_position_embeddings=m.max_seq_len,
-                         rms_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings)
-    hf_cfg._attn_implementation = "sdpa"
+                         rms_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings, attn_implementation="sdpa")
     model = LlamaForCausalLM(hf_cfg).to(device_type())
     bf16 = cfg.train.precision == "bf16"
     if bf16 and precision == "bf16":
@@ -84,10 +66,9 @@ def hf_step_fn(cfg: Config, compile_model: bool, precision: str = "bf16") -> Cal
     autocast = bf16 and precision == "autocast"
 
     def step(batch: tuple[torch.Tensor, torch.Tensor]) -> float:
-        tokens, labels = batch[0], batch[1].contiguous()
+        tokens, labels = batch
         with torch.autocast(device_type(), dtype=torch.bfloat16, enabled=autocast):
-            # shift_labels: the labels are already the next tokens (transformers would shift them)
-            loss = forward(input_ids=tokens, labels=labels, shift_labels=labels).loss
+            loss = seams.causal_lm_loss(forward, tokens, labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
         opt.step()
@@ -102,19 +83,14 @@ def benchmark(cfg: Config, *, steps: int, warmup: int, compare_hf: str | None, p
     """Run warmup + steps training steps (interleaved with the transformers step when asked)."""
     # enough samples (and schedule) for every step taken, the transformers steps included
     cfg.train.steps = max(cfg.train.steps, (warmup + steps) * (2 if compare_hf else 1))
-    run = setup_run(cfg)
-    if cfg.data.train_prefixes:  # the trainer's own pipeline: shards, sample index, DataLoader workers
-        from megalm.training.data import TrainData
-
-        run.data = TrainData.build(cfg, run.groups)
-        batches = run.data.train_batches(consumed_samples=0)
-    else:
-        batches = synthetic_batches(cfg, run.device)
+    # real shards go through the trainer's own pipeline: sample index, DataLoader workers
+    rt = bootstrap(cfg, data=bool(cfg.data.train_prefixes))
+    batches = rt.data.train_batches(consumed_samples=0) if rt.data else synthetic_batches(cfg, rt.device)
     hf = hf_step_fn(cfg, compare_hf == "compiled", hf_precision) if compare_hf else None
     times, hf_times, waits, losses, hf_losses = [], [], [], [], []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        loss, wait = train_step(run, batches)
+        loss, wait = train_step(rt, batches)
         seconds = time.perf_counter() - t0
         if hf is not None:
             t1 = time.perf_counter()
@@ -127,30 +103,30 @@ def benchmark(cfg: Config, *, steps: int, warmup: int, compare_hf: str | None, p
             if hf is not None:
                 hf_times.append(hf_seconds)
                 hf_losses.append(hf_loss)
-    result = _report(cfg, run, times, waits, hf_times, losses, compare_hf, peak_tflops)
+    result = _report(rt, times, waits, hf_times, losses, compare_hf, peak_tflops)
     if hf is not None:
         result["hf"].update(precision=hf_precision if cfg.train.precision == "bf16" else cfg.train.precision,
                             final_loss=hf_losses[-1])
     return result
 
 
-def _report(cfg: Config, run: Run, times: list[float], waits: list[float], hf_times: list[float],
+def _report(rt: Runtime, times: list[float], waits: list[float], hf_times: list[float],
             losses: list[float], compare_hf: str | None, peak_tflops: float) -> dict:
+    cfg = rt.cfg
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
     median = statistics.median(times)
-    peak = device_peak_tflops(peak_tflops) or measured_peak_tflops(run.device)
+    peak = device_peak_tflops(peak_tflops) or measured_peak_tflops(rt.device)
     out = {
         "config": {"hidden_size": cfg.model.hidden_size, "num_layers": cfg.model.num_layers,
                    "vocab_size": cfg.model.vocab_size, "seq_len": cfg.data.seq_len,
                    "micro_batch_size": cfg.train.micro_batch_size, "precision": cfg.train.precision,
-                   "compile": cfg.train.compile, "world_size": run.groups.dims.world_size},
+                   "compile": cfg.train.compile, "world_size": rt.dims.world_size},
         "steps": len(times), "median_step_s": median, "tokens_per_s": tokens / median,
         "peak_tflops": peak, "peak_source": "given or datasheet" if device_peak_tflops(peak_tflops) else "measured matmul",
         "data": "shards" if cfg.data.train_prefixes else "synthetic",
         "data_wait_fraction": sum(waits) / sum(times), "peak_mem_gib": memory_gib(), "final_loss": losses[-1],
     }
-    m = Throughput(run.throughput.flops_per_token, run.throughput.flops_per_token_megatron,
-                   run.groups.dims.world_size, peak).step_metrics(tokens, median)
+    m = Throughput.of_run(cfg, rt.dims.world_size, peak).step_metrics(tokens, median)
     out.update({k: m[k] for k in ("tflops", "tflops_megatron", "mfu", "mfu_megatron")})
     if hf_times:
         hf_median = statistics.median(hf_times)

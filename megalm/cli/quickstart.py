@@ -1,6 +1,6 @@
 """The main job end to end: corpus -> tokenizer -> shards -> parallel training -> HF export -> text.
 
-    python -m megalm.quickstart [--corpus FILES] [--out DIR] [--nproc 2] [section.key=value ...]
+    python -m megalm.cli.quickstart [--corpus FILES] [--out DIR] [--nproc 2] [section.key=value ...]
 
 With no --corpus it builds one from the documentation bundled with Python's standard library, so
 it runs offline anywhere. Each stage prints what it does; a stage whose outputs already exist is
@@ -13,15 +13,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import torch
+
+from megalm.config import load_config
+from megalm.config.loading import PRESETS
+from megalm.data.stdlib_corpus import write_stdlib_corpus
 from megalm.errors import MegalmError, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "quickstart.yaml"
+CONFIG = PRESETS / "quickstart.yaml"  # package data: the quickstart runs from any installed megalm
 PROMPT = "Once upon a time"
 
 
@@ -36,10 +41,10 @@ def done(t0: float, what: str) -> None:
 
 def run(cmd: list[str], **kwargs) -> None:
     """Run a stage's command, streaming its output; a failure stops the quickstart with its code."""
-    print("$ " + " ".join(cmd), flush=True)
+    print("$ " + " ".join(["python", *cmd[1:]] if cmd[0] == sys.executable else cmd), flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), DS_ACCELERATOR="cpu",
                GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
-    code = subprocess.call(cmd, cwd=REPO, env=env, **kwargs)
+    code = subprocess.call(cmd, env=env, **kwargs)
     if code != 0:
         raise SystemExit(code)
 
@@ -52,8 +57,6 @@ def build_corpus(out: Path, corpus: list[str] | None) -> list[str]:
             raise MegalmError(f"corpus file not found: {missing[0]}")
         done(t0, f"using {len(corpus)} file(s) of yours")
         return corpus
-    from megalm.data.stdlib_corpus import write_stdlib_corpus
-
     path = out / "corpus.jsonl"
     if not path.exists():
         write_stdlib_corpus(path)
@@ -68,7 +71,7 @@ def train_tokenizer(out: Path, corpus: list[str], vocab_size: int) -> Path:
     if model.exists():
         done(t0, f"reusing {model}")
         return model
-    run([sys.executable, "tools/train_tokenizer.py", "--input", *corpus, "--type", "bpe",
+    run([sys.executable, "-m", "megalm.cli.train_tokenizer", "--input", *corpus, "--type", "bpe",
          "--vocab-size", str(vocab_size), "--output-prefix", str(out / "tokenizer")])
     done(t0, f"wrote {model}")
     return model
@@ -82,7 +85,7 @@ def preprocess(out: Path, corpus: list[str], tokenizer: Path) -> str:
         done(t0, f"reusing {prefix}.bin/.idx")
         return str(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    run([sys.executable, "tools/preprocess_data.py", "--input", *corpus, "--json-key", "text",
+    run([sys.executable, "-m", "megalm.cli.preprocess_data", "--input", *corpus, "--json-key", "text",
          "--tokenizer-type", "sentencepiece", "--tokenizer-model", str(tokenizer),
          "--output-prefix", str(prefix), "--workers", "2", "--append-eod"])
     done(t0, f"wrote {prefix}.bin/.idx/.meta.json")
@@ -94,14 +97,10 @@ def train(run_dir: Path, prefix: str, tokenizer: Path, nproc: int, overrides: li
     status = run_dir / "status.json"
     args = [f"data.train_prefixes=[{prefix}]", f"data.tokenizer_model={tokenizer}",
             f"train.run_dir={run_dir}", *overrides]
-    from megalm.config import load_config
-
     cfg = load_config(CONFIG, args).validate(nproc)
     saved = run_dir / "config.yaml"
     if saved.exists() and saved.read_text() != cfg.to_yaml():
         print(f"the config changed since {run_dir} was trained: training from scratch", flush=True)
-        import shutil
-
         shutil.rmtree(run_dir)
     finished = json.loads(status.read_text()) if status.exists() else {}
     if finished.get("state") == "completed" and finished.get("step") == cfg.train.steps:
@@ -114,10 +113,10 @@ def train(run_dir: Path, prefix: str, tokenizer: Path, nproc: int, overrides: li
 
 def plot_losses(run_dir: Path) -> tuple[Path, float | None]:
     """Write RUN_DIR/loss_curve.png; return it and the last validation perplexity."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - heavy, only for the picture
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415
 
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = {r["step"]: r["loss"] for r in rows if "loss" in r}
@@ -142,15 +141,12 @@ def export_and_generate(run_dir: Path, out: Path) -> str:
     latest = run_dir / "checkpoints" / "latest"
     if not (hf / "config.json").exists() or (hf / "config.json").stat().st_mtime < latest.stat().st_mtime:
         if hf.exists():  # an export of an older checkpoint
-            import shutil
-
             shutil.rmtree(hf)
-        run([sys.executable, "tools/convert_checkpoint.py", "to-hf", "--checkpoint", str(run_dir / "checkpoints"),
+        run([sys.executable, "-m", "megalm.cli.convert_checkpoint", "to-hf", "--checkpoint", str(run_dir / "checkpoints"),
              "--output", str(hf)])
     done(t0, f"{hf} (AutoModelForCausalLM.from_pretrained loads it)")
     t0 = stage(f'6/6 transformers generate() from "{PROMPT}"')
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 - heavy
 
     tok = AutoTokenizer.from_pretrained(hf)
     model = AutoModelForCausalLM.from_pretrained(hf)
@@ -164,7 +160,7 @@ def export_and_generate(run_dir: Path, out: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megalm.quickstart", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m megalm.cli.quickstart", description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", nargs="+", help="your jsonl/txt/parquet files (default: Python's docs)")
     parser.add_argument("--out", help="output folder (default: runs/quickstart)")
     parser.add_argument("--nproc", type=int, default=2, help="training processes (tensor parallel 2 needs 2)")
@@ -174,8 +170,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out or "runs/quickstart").resolve()
     if args.fresh and out.exists():
-        import shutil
-
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()

@@ -1,30 +1,25 @@
-"""Typed run configuration: one dataclass per component, strict YAML, dotted overrides.
+"""The run configuration's schema: one kw_only dataclass per section, each field documented.
 
-A run is one YAML file with the sections below. Loading is strict: an unknown key, a duplicate key
-or a value of the wrong type is a `MegalmError` naming the key. `key=value` overrides on the command
-line are parsed as YAML and coerced to the field's type (`parallel.tensor=2`,
-`optimizer.betas=[0.9,0.95]`). `Config.validate(world_size)` computes every derived value (data
-parallel size, gradient accumulation, defaults that depend on other keys) so that the resolved
-config written into the run directory is complete and loads back equal.
+A run is one YAML file with these sections (loading: megalm.config.loading; checks and derived
+values: megalm.config.validation). Each field's docstring is the string literal that follows it;
+megalm.config.reference collects them for docs/config.md and `--help-config`.
 
-Each field's docstring is the string literal that follows it; `describe()` collects them for
-README and `--help-config`.
+A ModelConfig is complete once constructed: its derived defaults (kv heads, MLP width, tying)
+depend only on model keys and are filled in `__post_init__`, so no model code ever sees a None.
+Derived values that depend on other sections or on the world size (data parallel size, gradient
+accumulation, sequence length, steps from tokens) are filled by `Config.validate(world_size)`.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
-import textwrap
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
+from megalm.config.validation import validate_config
+from megalm.config.values import llama_ffn_width
 from megalm.errors import MegalmError
 
 
@@ -65,6 +60,14 @@ class ModelConfig:
     loss_chunk_tokens: int = 1024
     """Fused output layer + cross entropy, this many tokens at a time: the logits of a whole micro
     batch (and their fp32 softmax) never exist. 0: compute all the logits, then the loss."""
+
+    def __post_init__(self) -> None:
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 4 * self.hidden_size if self.arch == "gpt2" else llama_ffn_width(self.hidden_size)
+        if self.tie_embeddings is None:
+            self.tie_embeddings = self.arch == "gpt2"
 
 
 @dataclass(kw_only=True)
@@ -248,190 +251,3 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-# ----------------------------------------------------------------------------- strict YAML
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate mapping keys (PyYAML silently keeps the last one)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                line = key_node.start_mark.line + 1
-                raise MegalmError(f"duplicate key '{key}' at line {line} of {node.start_mark.name}")
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _parse_yaml(text: str, source: str) -> Any:
-    try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as e:
-        raise MegalmError(f"{source}: invalid YAML: {str(e).splitlines()[0]}") from None
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Return `value` as type `tp` or raise a MegalmError naming the key and the expected type."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except MegalmError:
-                continue
-        raise MegalmError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value in choices and type(value) is type(choices[choices.index(value)]):
-            return value
-        raise MegalmError(f"{key}: expected one of {list(choices)}, got {value!r}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise MegalmError(f"{key}: expected a list, got {value!r}")
-        (item_tp,) = typing.get_args(tp) or (Any,)
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    raise MegalmError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _build_section(name: str, raw: Any) -> Any:
-    cls = SECTIONS[name]
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise MegalmError(f"section '{name}' must be a mapping of keys, got {raw!r}")
-    types_ = _field_types(cls)
-    unknown = sorted(set(raw) - set(types_))
-    if unknown:
-        raise MegalmError(
-            f"unknown key '{name}.{unknown[0]}'; valid keys of '{name}': {', '.join(types_)}"
-        )
-    kwargs = {k: _coerce(v, types_[k], f"{name}.{k}") for k, v in raw.items()}
-    return cls(**kwargs)
-
-
-def config_from_dict(raw: Any, source: str = "config") -> Config:
-    """Build a Config from nested dicts, strictly (unknown sections/keys and wrong types are errors)."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise MegalmError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(SECTIONS))
-    if unknown:
-        raise MegalmError(
-            f"{source}: unknown section '{unknown[0]}'; valid sections: {', '.join(SECTIONS)}"
-        )
-    return Config(**{name: _build_section(name, raw.get(name)) for name in SECTIONS})
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `section.key=value` strings (value parsed as YAML) to nested dicts; return them."""
-    for item in overrides:
-        path, sep, text = item.partition("=")
-        parts = path.strip().split(".")
-        if not sep or len(parts) != 2 or not all(parts):
-            raise MegalmError(f"override '{item}' must look like section.key=value")
-        section, key = parts
-        if section not in SECTIONS:
-            raise MegalmError(
-                f"override '{item}': unknown section '{section}'; valid: {', '.join(SECTIONS)}"
-            )
-        value = _parse_yaml(text, f"override '{item}'") if text.strip() else ""
-        sec = raw.setdefault(section, {})
-        if sec is None:
-            sec = raw[section] = {}
-        sec[key] = value
-    return raw
-
-
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Load a YAML file (or defaults when path is None) strictly and apply dotted overrides."""
-    raw: Any = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise MegalmError(f"config file not found: {p}")
-        raw = _parse_yaml(p.read_text(encoding="utf-8"), str(p)) or {}
-        if not isinstance(raw, dict):
-            raise MegalmError(f"{p}: expected a mapping of sections at the top level")
-    return config_from_dict(apply_overrides(raw, list(overrides)), str(path or "config"))
-
-
-def describe() -> dict[str, dict[str, str]]:
-    """Every key's documentation, read from the string literal after each field."""
-    out: dict[str, dict[str, str]] = {}
-    for name, cls in SECTIONS.items():
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-        body = tree.body[0].body
-        docs: dict[str, str] = {}
-        for node, nxt in zip(body, body[1:], strict=False):
-            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
-                if isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
-                    docs[node.target.id] = " ".join(nxt.value.value.split())
-        out[name] = docs
-    return out
-
-
-def describe_markdown() -> str:
-    """docs/config.md: every section and key with its type, default and documentation."""
-    lines = ["# Configuration reference", "",
-             "Generated from megalm/config.py by `python -m megalm.train --help-config --markdown`;",
-             "tests/test_config.py fails when it is out of date. Derived defaults are resolved by",
-             "`Config.validate(world_size)` and written into RUN_DIR/config.yaml.", ""]
-    docs = describe()
-    for name, cls in SECTIONS.items():
-        lines += [f"## {name}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
-        defaults = dataclasses.asdict(cls())
-        for key, tp in _field_types(cls).items():
-            if typing.get_origin(tp) is Literal:
-                type_name = "one of " + ", ".join(map(repr, typing.get_args(tp)))
-            else:
-                type_name = _type_name(tp).replace("|", "or")
-            default = "derived" if defaults[key] is None else repr(defaults[key])
-            lines.append(f"| `{name}.{key}` | {type_name} | {default} | {docs[name].get(key, '')} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-# Validation lives in its own module; these names stay importable from megalm.config.
-from megalm.config_validation import ceil_div, parse_split, validate_config  # noqa: E402
-
-__all__ = [
-    "SECTIONS", "Config", "apply_overrides", "ceil_div", "config_from_dict", "describe", "describe_markdown",
-    "load_config", "parse_split",
-]

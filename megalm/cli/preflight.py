@@ -1,6 +1,6 @@
 """Checks to run before a large allocation starts training (the launch scripts call it).
 
-    python -m megalm.preflight --config C --world-size N [--gpus-per-node G] [section.key=value ...]
+    python -m megalm.cli.preflight --config C --world-size N [--gpus-per-node G] [section.key=value ...]
 
 It validates the config against the world size (tensor x pipeline must divide it; batch sizes must
 fit) and, with --gpus-per-node, that this node sees enough GPUs. Rendezvous reachability is checked
@@ -16,7 +16,7 @@ from megalm.errors import MegalmError, run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megalm.preflight")
+    parser = argparse.ArgumentParser(prog="python -m megalm.cli.preflight")
     parser.add_argument("--config", required=True)
     parser.add_argument("--world-size", type=int, required=True)
     parser.add_argument("--gpus-per-node", type=int, default=0)
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides).validate(args.world_size)
     if args.gpus_per_node:
-        import torch
+        import torch  # noqa: PLC0415 - heavy: a config-only preflight stays under a second
 
         visible = torch.cuda.device_count()
         if visible < args.gpus_per_node:

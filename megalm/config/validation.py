@@ -1,16 +1,22 @@
 """Consistency checks and derived values of a Config (called by Config.validate).
 
 Each check raises a MegalmError whose message names the keys and the fix. Derived values (data
-parallel size, gradient accumulation, steps from tokens, model defaults, cache directory) are
-written into the config, so the resolved config is complete and validate() is idempotent.
+parallel size, gradient accumulation, steps from tokens, sequence length, cache directory) are
+written into the config, so the resolved config is complete and validate() is idempotent. (The
+model's own derived defaults are filled when a ModelConfig is constructed.)
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from megalm.config import Config, ModelConfig
+from megalm.config.values import ceil_div, parse_split
 from megalm.errors import MegalmError
+from megalm.parallel.dims import ParallelDims
+
+if TYPE_CHECKING:  # the schema imports this module to validate itself
+    from megalm.config.schema import Config, ModelConfig
 
 
 def validate_config(cfg: Config, world_size: int) -> None:
@@ -20,17 +26,13 @@ def validate_config(cfg: Config, world_size: int) -> None:
     _validate_rest(cfg)
 
 
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise MegalmError(message)
 
 
 def validate_model(m: ModelConfig) -> None:
-    """Fill the model's derived defaults (kv heads, MLP width, tying) and check its shape."""
+    """Check the model's shape (its derived defaults were filled when it was constructed)."""
     for key in ("hidden_size", "num_layers", "num_heads", "vocab_size", "max_seq_len"):
         _check(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
     _check(m.make_vocab_size_divisible_by > 0, "model.make_vocab_size_divisible_by must be positive")
@@ -38,33 +40,20 @@ def validate_model(m: ModelConfig) -> None:
         m.hidden_size % m.num_heads == 0,
         f"model.hidden_size ({m.hidden_size}) must divide by model.num_heads ({m.num_heads})",
     )
-    if m.num_kv_heads is None:
-        m.num_kv_heads = m.num_heads
     _check(
         0 < m.num_kv_heads <= m.num_heads and m.num_heads % m.num_kv_heads == 0,
         f"model.num_heads ({m.num_heads}) must be a multiple of model.num_kv_heads ({m.num_kv_heads})",
     )
     if m.arch == "llama":
         _check((m.hidden_size // m.num_heads) % 2 == 0, "llama needs an even head dimension for RoPE")
-    if m.ffn_hidden_size is None:
-        m.ffn_hidden_size = 4 * m.hidden_size if m.arch == "gpt2" else _llama_ffn(m.hidden_size)
     _check(m.ffn_hidden_size > 0, "model.ffn_hidden_size must be positive")
-    if m.tie_embeddings is None:
-        m.tie_embeddings = m.arch == "gpt2"
     _check(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
     _check(m.init_std > 0, "model.init_std must be positive")
 
 
-def _llama_ffn(hidden_size: int, multiple_of: int = 256) -> int:
-    """Llama's SwiGLU width: 2/3 of 4d, rounded up to a multiple (keeps FLOPs of a 4d GELU MLP)."""
-    return multiple_of * ceil_div(int(8 * hidden_size / 3), multiple_of)
-
-
 def _validate_parallel(cfg: Config, world_size: int) -> None:
-    from megalm.parallel.dims import ParallelDims
-
     p, m = cfg.parallel, cfg.model
-    ParallelDims.from_world(world_size, tensor=p.tensor, pipeline=p.pipeline)
+    ParallelDims.from_config(p, world_size)
     t = p.tensor
     _check(m.num_heads % t == 0, f"model.num_heads ({m.num_heads}) must divide by parallel.tensor ({t})")
     _check(
@@ -166,17 +155,3 @@ def _validate_rest(cfg: Config) -> None:
     c = cfg.checkpoint
     _check(c.interval >= 0 and c.keep_last >= 0, "checkpoint.interval and keep_last must not be negative")
     _check(cfg.logging.peak_tflops >= 0, "logging.peak_tflops must not be negative")
-
-
-def parse_split(split: str) -> list[float]:
-    """'98,1,1' -> [0.98, 0.01, 0.01] (train, validation, test fractions)."""
-    try:
-        parts = [float(x) for x in split.replace("/", ",").split(",")]
-    except ValueError:
-        parts = []
-    if len(parts) == 2:
-        parts.append(0.0)
-    if len(parts) != 3 or any(x < 0 for x in parts) or sum(parts) <= 0:
-        raise MegalmError(f"data.split must be three non-negative weights like '98,1,1', got '{split}'")
-    total = sum(parts)
-    return [x / total for x in parts]

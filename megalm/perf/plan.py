@@ -31,12 +31,12 @@ from dataclasses import asdict, dataclass
 from megalm.config import Config, ModelConfig
 from megalm.errors import MegalmError
 from megalm.model.flops import (
-    _block_parameters,
+    block_parameters,
     count_parameters,
     flops_per_token_megatron,
     flops_per_token_palm,
 )
-from megalm.parallel.layers import padded_vocab_size
+from megalm.parallel.vocab import padded_vocab_size
 
 GIB = 2**30
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -85,7 +85,7 @@ def layer_parameters(m: ModelConfig, tensor: int, pipeline: int) -> list[int]:
     d = m.hidden_size
     vocab_rows = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tensor) // tensor
     replicated = 2 * d if m.arch == "llama" else 6 * d  # 2 RMSNorm | 2 LayerNorm (w, b) + 2 row biases
-    block = (_block_parameters(m)[1] - replicated) // tensor + replicated
+    block = (block_parameters(m)[1] - replicated) // tensor + replicated
     embedding = vocab_rows * d + (m.max_seq_len * d if m.arch == "gpt2" else 0)
     head = vocab_rows * d if (not m.tie_embeddings or pipeline > 1) else 0
     final_norm = d if m.arch == "llama" else 2 * d

@@ -1,0 +1,51 @@
+"""The language-model loss under tensor and sequence parallelism, for GPT and the pipeline.
+
+Two ways to the same mean token loss (megalm.parallel.cross_entropy has the math):
+
+    fused (model.loss_chunk_tokens > 0)   head_loss / HeadLoss: the output layer and the
+                                          vocab-parallel cross entropy, a chunk of tokens at a time
+    unfused (model.loss_chunk_tokens 0)   GPTLoss: vocab-sharded logits first, then the loss
+
+A pipeline's last stage uses HeadLoss as DeepSpeed's loss_fn: its last layer passes the final
+hidden states through and the loss applies that layer's weight.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megalm.config import ModelConfig
+from megalm.parallel.context import TensorParallel
+from megalm.parallel.cross_entropy import IGNORE_INDEX, linear_cross_entropy, vocab_parallel_cross_entropy
+from megalm.parallel.layers import column_parallel_input
+
+
+def head_loss(
+    h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, cfg: ModelConfig, tp: TensorParallel,
+) -> torch.Tensor:
+    """Mean loss of the output layer `weight` (V_pad / p, d) on the final hidden states h
+    (batch, seq[/p], d), fused with the cross entropy cfg.loss_chunk_tokens tokens at a time."""
+    x = column_parallel_input(h, tp.group, tp.sequence_parallel)
+    return linear_cross_entropy(x, weight, labels, tp.group, cfg.vocab_size, IGNORE_INDEX, cfg.loss_chunk_tokens)
+
+
+class HeadLoss:
+    """loss_fn(h, labels) of a pipeline whose last layer passes the final hidden states through:
+    `owner` (the last stage's Head or tied embedding copy) holds the output weight."""
+
+    def __init__(self, cfg: ModelConfig, owner: nn.Module, tp: TensorParallel) -> None:
+        self.cfg, self.owner, self.tp = cfg, owner, tp
+
+    def __call__(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return head_loss(h, self.owner.weight, labels, self.cfg, self.tp)
+
+
+class GPTLoss:
+    """loss_fn(logits_shard, labels) -> mean token loss, for GPT and DeepSpeed's PipelineModule."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel) -> None:
+        self.vocab_size, self.group = cfg.vocab_size, tp.group
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(logits, labels, self.group, self.vocab_size, IGNORE_INDEX)

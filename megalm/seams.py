@@ -1,0 +1,170 @@
+"""Every place megalm reaches below DeepSpeed's or transformers' documented API, in one module.
+
+Each seam is one small function with a test of its own (tests/test_seams.py) that fails when the
+installed version stops behaving as megalm assumes, instead of a run silently changing. setup.py
+states the versions these are tested with.
+
+DeepSpeed
+    skip_op_build(name)                  mark an op incompatible (deepspeed.ops.__compatible_ops__)
+                                         so DeepSpeed never tries its JIT build
+    record_fp32_grad_norm(engine)        ZeRO-0 fp32 clips in `clip_fp32_gradients` and drops the norm:
+                                         keep it in `_global_grad_norm` for get_global_grad_norm()
+    skip_gradient_allreduce(engine)      `enable_backward_allreduce = False` (one data rank, ZeRO-0)
+    set_progress(engine, step, samples)  `global_steps` / `global_samples`, saved in its checkpoint
+    zero_fp32_state(ckpt, mp)            zero_to_fp32's private reassembly helpers, for one
+                                         model-parallel rank of any layout (its public entry point
+                                         reads a whole checkpoint and not a pipeline stage's files)
+transformers (version 5 spellings)
+    rope_kwargs(theta), rope_theta_of()  RoPE as `rope_parameters={"rope_type", "rope_theta"}`
+    dtype_kwargs(dtype)                  `dtype=` (version 4: `torch_dtype=`)
+    causal_lm_loss(model, x, labels)     `shift_labels=`: labels that are already the next tokens
+    spm_tokenizer_json(model_file)       convert_slow_tokenizer's SpmConverter / SentencePieceExtractor
+
+Both packages are heavy to import, so each function imports what it needs when called.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# ----------------------------------------------------------------------------- DeepSpeed
+
+
+def skip_op_build(name: str) -> None:
+    """Never JIT-build DeepSpeed op `name` (e.g. deepspeed_shm_comm, an inference all-reduce whose
+    build costs ~90 s on CPU): DeepSpeed skips ops its compatibility table marks False."""
+    import deepspeed.ops  # noqa: PLC0415 - heavy
+
+    if name not in deepspeed.ops.__compatible_ops__:
+        raise RuntimeError(f"DeepSpeed {deepspeed.__version__} has no op {name!r} in __compatible_ops__")
+    deepspeed.ops.__compatible_ops__[name] = False
+
+
+def record_fp32_grad_norm(engine: Any) -> None:
+    """DeepSpeed's plain fp32 path (ZeRO-0) clips in `clip_fp32_gradients` but throws the norm
+    away: clip the same way (its clip_grad_norm_, over the mpu) and keep the norm for logging."""
+    from deepspeed.runtime.utils import clip_grad_norm_  # noqa: PLC0415 - heavy
+
+    def clip_and_record() -> None:
+        norm = clip_grad_norm_(engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+        engine._global_grad_norm = float(norm)
+
+    engine.clip_fp32_gradients = clip_and_record
+
+
+def skip_gradient_allreduce(engine: Any) -> None:
+    """With one data-parallel rank at ZeRO-0 DeepSpeed would still flatten, 'reduce' over one rank
+    and copy back every gradient after each backward."""
+    engine.enable_backward_allreduce = False
+
+
+def set_progress(engine: Any, step: int, consumed_samples: int) -> None:
+    """The optimizer steps and samples DeepSpeed records in its checkpoint (the writer's engine
+    has taken no step)."""
+    engine.global_steps, engine.global_samples = step, consumed_samples
+
+
+def load_deepspeed_file(path: Path) -> Any:
+    """A file DeepSpeed wrote. Its checkpoints pickle optimizer objects (loss scalers, enums), which
+    weights_only=True refuses: read only checkpoints you trust."""
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _dp_rank(path: Path) -> int:
+    return int(re.search(r"zero_pp_rank_(\d+)_", path.name).group(1))
+
+
+def zero_fp32_state(ckpt: Path, mp: int) -> dict[str, torch.Tensor] | None:
+    """fp32 master weights of model-parallel rank `mp` of checkpoint directory `ckpt`, reassembled
+    from every data-parallel partition of ZeRO 1-3 (names as the rank's module), or None without
+    optimizer partitions (ZeRO-0)."""
+    from deepspeed.utils import zero_to_fp32 as z  # noqa: PLC0415 - heavy
+
+    optim = sorted(ckpt.glob(f"*zero_pp_rank_*_mp_rank_{mp:02d}_optim_states.pt"), key=_dp_rank)
+    if not optim:
+        return None
+    zero3 = sorted(ckpt.glob(f"zero_pp_rank_*_mp_rank_{mp:02d}_model_states.pt"), key=_dp_rank)
+    model_files = zero3 or [ckpt / f"mp_rank_{mp:02d}_model_states.pt"]
+    states = [_zero_model_state(z, load_deepspeed_file(f)) for f in model_files]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress prints
+        stage, world, groups, paddings = z.parse_optim_states([str(f) for f in optim], str(ckpt))
+        if stage <= 2:
+            state = z._get_fp32_state_dict_from_zero2_checkpoint(world, groups, states, False, paddings)
+        else:
+            state = z._get_fp32_state_dict_from_zero3_checkpoint(world, groups, states, False)
+    return {k: v.contiguous().clone() if torch.is_tensor(v) else v.contiguous() for k, v in state.items()}
+
+
+def _zero_model_state(z: Any, sd: dict[str, Any]) -> Any:
+    """zero_to_fp32's view of a model-states file (its own parser fails on a pipeline stage's
+    file, whose "module" is None: the weights are in the layer files)."""
+    module = sd.get("module") or {}
+    buffers = {k: v.float() if v.is_floating_point() else v for k, v in module.items() if k in sd["buffer_names"]}
+    return z.zero_model_state(
+        buffers=buffers, param_shapes=sd["param_shapes"], shared_params=list((sd.get("shared_params") or {}).items()),
+        ds_version=sd.get("ds_version"), frozen_param_shapes=sd.get("frozen_param_shapes"),
+        frozen_param_fragments=sd.get("frozen_param_fragments"),
+    )
+
+
+# ----------------------------------------------------------------------------- transformers
+
+
+def rope_kwargs(theta: float) -> dict[str, Any]:
+    """LlamaConfig keywords of plain RoPE with base `theta` (transformers 5's rope_parameters)."""
+    return {"rope_parameters": {"rope_type": "default", "rope_theta": theta}}
+
+
+def rope_theta_of(config: Any) -> tuple[str, float]:
+    """(rope type, base) of a transformers Llama config; no rope_parameters means plain RoPE, 10000."""
+    rope = getattr(config, "rope_parameters", None) or {"rope_type": "default", "rope_theta": 10000.0}
+    return rope.get("rope_type", "default"), float(rope.get("rope_theta", 10000.0))
+
+
+def dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The dtype keyword of configs and from_pretrained (transformers 5: dtype=)."""
+    return {"dtype": dtype}
+
+
+def causal_lm_loss(model: Any, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean loss of a transformers causal LM whose `labels` are already the next tokens (megalm's
+    batches): `shift_labels` stops transformers from shifting them a second time (it views them, so
+    they must be contiguous; megalm's labels are a slice of one (batch, seq + 1) buffer)."""
+    labels = labels.contiguous()
+    return model(input_ids=tokens, labels=labels, shift_labels=labels).loss
+
+
+def spm_tokenizer_json(model_file: str) -> str:
+    """A sentencepiece .model as tokenizer.json: transformers' SpmConverter (unigram), or its
+    SentencePieceExtractor into a byte-fallback BPE; the decoder strips the leading space."""
+    from tokenizers import Tokenizer, decoders  # noqa: PLC0415 - heavy, only for conversion
+    from tokenizers.models import BPE  # noqa: PLC0415
+    from transformers.convert_slow_tokenizer import SentencePieceExtractor, SpmConverter  # noqa: PLC0415
+
+    class _Source:  # what SpmConverter reads from a slow tokenizer
+        vocab_file = model_file
+        add_prefix_space = True
+
+    class _Converter(SpmConverter):
+        handle_byte_fallback = True
+
+        def tokenizer(self, proto):  # noqa: ANN001, ANN202 - transformers' signature
+            if proto.trainer_spec.model_type != 2:  # unigram: the base class is right
+                return super().tokenizer(proto)
+            kw = SentencePieceExtractor(model_file).extract(BPE)
+            tok = Tokenizer(BPE(kw["vocab"], kw["merges"], unk_token=proto.trainer_spec.unk_piece,
+                                fuse_unk=True, byte_fallback=True, dropout=None))
+            tok.add_tokens(kw["additional_special_tokens"])
+            return tok
+
+        def decoder(self, replacement, add_prefix_space):  # noqa: ANN001, ANN202
+            return decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                      decoders.Strip(content=" ", left=1)])
+
+    return _Converter(_Source()).converted().to_str()

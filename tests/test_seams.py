@@ -1,0 +1,135 @@
+"""One test per seam in megalm.seams: each fails when the installed DeepSpeed or transformers stops
+behaving as megalm assumes (a renamed private, a changed keyword), instead of a run silently changing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megalm import seams
+from megalm.config import load_config
+from megalm.testing.distributed import run_distributed_test
+from megalm.testing.runs import TINY
+
+transformers = pytest.importorskip("transformers")
+
+
+# ----------------------------------------------------------------------------- DeepSpeed
+
+
+def test_skip_op_build_marks_the_op_incompatible():
+    import deepspeed.ops
+
+    seams.skip_op_build("deepspeed_shm_comm")
+    assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
+    with pytest.raises(RuntimeError, match="no op 'no_such_op'"):
+        seams.skip_op_build("no_such_op")
+
+
+def _engine_seams(run_dir: str) -> dict:
+    """One rank, ZeRO-0 fp32 (the path whose norm DeepSpeed drops), through megalm's start-up."""
+    import deepspeed
+
+    from megalm.training.startup import bootstrap
+
+    cfg = load_config(TINY, ["zero.stage=0", "train.precision=fp32",
+                             f"train.run_dir={run_dir}"])
+    ds = bootstrap(cfg).engine.ds
+    tokens = torch.randint(0, 257, (4, 65), generator=torch.Generator().manual_seed(0))
+    def no_reduce(*args, **kwargs) -> None:
+        raise AssertionError("DeepSpeed ran the gradient all-reduce")
+
+    ds.allreduce_gradients = no_reduce
+    ds.backward(ds(tokens[:, :-1], tokens[:, 1:]))  # skip_gradient_allreduce: the patched reduce never runs
+    norm = torch.nn.utils.get_total_norm([p.grad for p in ds.module.parameters()]).item()
+    ds.step()
+    seams.set_progress(ds, 7, 56)
+    ds.save_checkpoint(run_dir, tag="t", save_latest=False)
+    saved = seams.load_deepspeed_file(Path(run_dir) / "t" / "mp_rank_00_model_states.pt")
+    return {"recorded": ds.get_global_grad_norm(), "norm": norm,
+            "allreduce_flag": ds.enable_backward_allreduce, "steps": saved["global_steps"],
+            "samples": saved["global_samples"], "ds_version": deepspeed.__version__}
+
+
+def test_engine_seams_on_a_real_engine(tmp_path):
+    r = run_distributed_test(_engine_seams, 1, args=(str(tmp_path),), env={"DS_ACCELERATOR": "cpu"})[0]
+    # record_fp32_grad_norm: DeepSpeed called the clipping megalm installed, which kept the norm
+    assert r["recorded"] == pytest.approx(r["norm"], rel=1e-6) and r["norm"] > 1e-2
+    assert r["allreduce_flag"] is False  # skip_gradient_allreduce (its effect: no all-reduce ran)
+    assert (r["steps"], r["samples"]) == (7, 56)  # set_progress lands in DeepSpeed's checkpoint
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, precision", [(2, "fp32"), (3, "bf16")])
+def test_zero_fp32_state_equals_deepspeeds_public_reader(stage, precision, byte_shards, tmp_path):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from megalm.testing.parity import train_rank
+
+    overrides = [f"data.train_prefixes=[{byte_shards}]", f"zero.stage={stage}", f"train.precision={precision}",
+                 "train.steps=2", "train.global_batch_size=8", f"train.run_dir={tmp_path}", "train.eval_interval=0",
+                 "checkpoint.interval=0", "logging.console=false", "logging.tensorboard=false"]
+    run_distributed_test(train_rank, 2, args=(TINY, overrides), env={"DS_ACCELERATOR": "cpu"})
+    ours = seams.zero_fp32_state(tmp_path / "checkpoints" / "global_step2", 0)
+    theirs = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "checkpoints"), tag="global_step2")
+    assert ours.keys() == theirs.keys() and len(ours) > 10
+    for name, value in theirs.items():
+        assert value.dtype == torch.float32 and torch.equal(ours[name], value), name
+
+
+# ----------------------------------------------------------------------------- transformers
+
+
+def _tiny_llama(**kw) -> transformers.LlamaConfig:
+    return transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, **kw)
+
+
+def test_rope_kwargs_round_trip_through_a_saved_config(tmp_path):
+    _tiny_llama(**seams.rope_kwargs(500000.0)).save_pretrained(tmp_path)
+    loaded = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert seams.rope_theta_of(loaded) == ("default", 500000.0)
+    scaled = _tiny_llama(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0})
+    assert seams.rope_theta_of(scaled)[0] == "linear"  # what from-hf refuses
+
+
+def test_dtype_kwargs_set_the_config_and_the_loaded_weights(tmp_path):
+    config = _tiny_llama(**seams.dtype_kwargs(torch.bfloat16))
+    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, **seams.dtype_kwargs(torch.float32))
+    assert next(model.parameters()).dtype == torch.float32
+    assert transformers.AutoConfig.from_pretrained(tmp_path).dtype == torch.bfloat16
+
+
+def test_causal_lm_loss_does_not_shift_labels_again():
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(_tiny_llama()).eval()
+    tokens = torch.randint(0, 97, (2, 9))
+    x, labels = tokens[:, :-1], tokens[:, 1:]  # labels are already the next tokens
+    with torch.no_grad():
+        logits = model(input_ids=x).logits
+        loss = seams.causal_lm_loss(model, x, labels)
+    assert loss.item() == pytest.approx(F.cross_entropy(logits.reshape(-1, 97), labels.reshape(-1)).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_spm_tokenizer_json_encodes_as_sentencepiece(model_type, tmp_path):
+    import pydoc_data.topics
+
+    import sentencepiece as spm
+    from tokenizers import Tokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(sorted(pydoc_data.topics.topics.values()))[:200_000], encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), model_type=model_type,
+                                   vocab_size=500, byte_fallback=True, character_coverage=1.0, num_threads=1,
+                                   minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    hf = Tokenizer.from_str(seams.spm_tokenizer_json(str(tmp_path / "sp.model")))
+    for text in ("Once upon a time, the same", "héllo wörld 日本語", "x = f(a, b)  # 12345"):
+        ids = sp.encode(text)
+        assert hf.encode(text, add_special_tokens=False).ids == ids, text
+        assert hf.decode(ids) == sp.decode(ids), text

@@ -1,0 +1,67 @@
+"""megalm.json is one typed, versioned record: it round-trips, and an old, foreign or damaged file is
+one clear line (for every reader: resume, to-hf, reshard, generate, evaluate)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from megalm.config import load_config
+from megalm.errors import MegalmError
+from megalm.parallel.dims import ParallelDims
+from megalm.testing.runs import REPO, TINY, train_env
+from megalm.training.checkpoint_meta import FORMAT_VERSION, CheckpointMeta, TrainState
+
+
+def _meta() -> CheckpointMeta:
+    cfg = load_config(TINY, ["parallel.tensor=2"]).validate(4)
+    return CheckpointMeta.of_run(cfg, ParallelDims(tensor=2, pipeline=1, data=2), TrainState(10, 80, 1),
+                                 {"type": "byte", "vocab_size": 257})
+
+
+def test_round_trip_through_json(tmp_path):
+    meta = _meta()
+    (tmp_path / "megalm.json").write_text(json.dumps(meta.to_dict()))
+    back = CheckpointMeta.read(tmp_path)
+    assert back.to_dict() == meta.to_dict() and back.format_version == FORMAT_VERSION
+    assert back.dims == ParallelDims(tensor=2, pipeline=1, data=2) and back.state == TrainState(10, 80, 1)
+    assert back.config.to_dict() == meta.config.to_dict() and back.config.parallel.tensor == 2
+    assert back.describe() == "tensor 2, pipeline 1, data 2, step 10"
+    assert meta.to_dict()["world_size"] == 4
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"step": 3, "parallel": {"tensor": 1}}, "not megalm checkpoint metadata \\(no format_version\\)"),
+    ([1, 2], "not megalm checkpoint metadata"),
+    ({"format_version": FORMAT_VERSION + 1}, f"metadata format {FORMAT_VERSION + 1}; this megalm .* reads format"),
+    ({"format_version": FORMAT_VERSION, "step": 1}, "missing or malformed field .*damaged"),
+    ("{truncated", "is not valid JSON"),
+])
+def test_old_foreign_or_damaged_metadata_is_one_clear_error(tmp_path, content, message):
+    text = content if isinstance(content, str) else json.dumps(content)
+    (tmp_path / "megalm.json").write_text(text)
+    with pytest.raises(MegalmError, match=message):
+        CheckpointMeta.read(tmp_path)
+    with pytest.raises(MegalmError, match="has no megalm.json"):
+        CheckpointMeta.read(tmp_path / "elsewhere")
+
+
+@pytest.mark.parametrize("tool", [["convert_checkpoint.py", "to-hf", "--output", "OUT"],
+                                  ["convert_checkpoint.py", "reshard", "--output", "OUT"],
+                                  ["generate.py", "--prompt", "x"]])
+def test_tools_on_a_foreign_checkpoint_print_one_line(tmp_path, tool):
+    ckpt = tmp_path / "run" / "checkpoints"
+    (ckpt / "global_step5").mkdir(parents=True)
+    (ckpt / "global_step5" / "megalm.json").write_text(json.dumps({"step": 5}))
+    (ckpt / "latest").write_text("global_step5")
+    args = [a.replace("OUT", str(tmp_path / "out")) for a in tool]
+    r = subprocess.run([sys.executable, f"tools/{args[0]}", *args[1:], "--checkpoint", str(ckpt)], cwd=REPO,
+                       env=train_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [
+        f"error: {ckpt / 'global_step5' / 'megalm.json'} is not megalm checkpoint metadata (no format_version): "
+        "the checkpoint was not written by megalm, or by a megalm older than 0.1.0"]
+    assert not (tmp_path / "out").exists()
