@@ -11,6 +11,8 @@ DeepSpeed
                                          keep it in `_global_grad_norm` for get_global_grad_norm()
     skip_gradient_allreduce(engine)      `enable_backward_allreduce = False` (one data rank, ZeRO-0)
     set_progress(engine, step, samples)  `global_steps` / `global_samples`, saved in its checkpoint
+    load_deepspeed_file(path)            its files with weights_only=True and the allowlist of the
+                                         types it pickles (deepspeed_pickled_types)
     zero_fp32_state(ckpt, mp)            zero_to_fp32's private reassembly helpers, for one
                                          model-parallel rank of any layout (its public entry point
                                          reads a whole checkpoint and not a pipeline stage's files)
@@ -27,11 +29,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import pickle
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from megalm.errors import MegalmError
 
 # ----------------------------------------------------------------------------- DeepSpeed
 
@@ -70,10 +75,31 @@ def set_progress(engine: Any, step: int, consumed_samples: int) -> None:
     engine.global_steps, engine.global_samples = step, consumed_samples
 
 
+def deepspeed_pickled_types() -> list[type]:
+    """The non-tensor types DeepSpeed pickles into its checkpoint files (found by loading every file
+    of fp32/bf16, ZeRO 0-3 and pipeline checkpoints; fp16 adds the dynamic loss scaler)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # noqa: PLC0415 - heavy
+    from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: PLC0415
+    from deepspeed.utils.tensor_fragment import fragment_address  # noqa: PLC0415
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
 def load_deepspeed_file(path: Path) -> Any:
-    """A file DeepSpeed wrote. Its checkpoints pickle optimizer objects (loss scalers, enums), which
-    weights_only=True refuses: read only checkpoints you trust."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A file DeepSpeed wrote, memory-mapped (tensors are read when touched) and unpickled with
+    weights_only=True: tensors, containers, numbers and exactly deepspeed_pickled_types(). Anything
+    else (a pickle that would call a function) is refused with a MegalmError, and nothing runs."""
+    try:
+        with torch.serialization.safe_globals(deepspeed_pickled_types()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"(?:GLOBAL|global) ([\w.]+)", str(e))
+        what = found.group(1) if found else "an object"
+        raise MegalmError(f"{path} holds a pickled {what}, which is not among the types DeepSpeed writes: "
+                          "refusing to load it (unpickling it could run code)") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise MegalmError(f"{path} cannot be read ({str(e).splitlines()[0]}): the file is damaged or "
+                          "truncated") from None
 
 
 def _dp_rank(path: Path) -> int:
@@ -83,8 +109,10 @@ def _dp_rank(path: Path) -> int:
 def zero_fp32_state(ckpt: Path, mp: int) -> dict[str, torch.Tensor] | None:
     """fp32 master weights of model-parallel rank `mp` of checkpoint directory `ckpt`, reassembled
     from every data-parallel partition of ZeRO 1-3 (names as the rank's module), or None without
-    optimizer partitions (ZeRO-0)."""
-    from deepspeed.utils import zero_to_fp32 as z  # noqa: PLC0415 - heavy
+    optimizer partitions (ZeRO-0). Files are read by load_deepspeed_file; the reassembly is
+    zero_to_fp32's (its own file parser would unpickle with weights_only=False)."""
+    from deepspeed.checkpoint import constants as c  # noqa: PLC0415 - heavy
+    from deepspeed.utils import zero_to_fp32 as z  # noqa: PLC0415
 
     optim = sorted(ckpt.glob(f"*zero_pp_rank_*_mp_rank_{mp:02d}_optim_states.pt"), key=_dp_rank)
     if not optim:
@@ -92,12 +120,19 @@ def zero_fp32_state(ckpt: Path, mp: int) -> dict[str, torch.Tensor] | None:
     zero3 = sorted(ckpt.glob(f"zero_pp_rank_*_mp_rank_{mp:02d}_model_states.pt"), key=_dp_rank)
     model_files = zero3 or [ckpt / f"mp_rank_{mp:02d}_model_states.pt"]
     states = [_zero_model_state(z, load_deepspeed_file(f)) for f in model_files]
+    partitions = [load_deepspeed_file(f)[c.OPTIMIZER_STATE_DICT] for f in optim]
+    stage, world = partitions[0][c.ZERO_STAGE], partitions[0][c.PARTITION_COUNT]
+    world = max(world) if isinstance(world, list) else world
+    if world != len(optim):
+        raise MegalmError(f"{ckpt}: {len(optim)} optimizer partitions of model-parallel rank {mp}, the "
+                          f"checkpoint was written by {world}: the checkpoint is incomplete")
+    flat = [p[c.SINGLE_PARTITION_OF_FP32_GROUPS if stage <= 2 else c.FP32_FLAT_GROUPS] for p in partitions]
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress prints
-        stage, world, groups, paddings = z.parse_optim_states([str(f) for f in optim], str(ckpt))
         if stage <= 2:
-            state = z._get_fp32_state_dict_from_zero2_checkpoint(world, groups, states, False, paddings)
+            paddings = partitions[0].get(c.PARAM_ALIGNMENT_PADDINGS)
+            state = z._get_fp32_state_dict_from_zero2_checkpoint(world, flat, states, False, paddings)
         else:
-            state = z._get_fp32_state_dict_from_zero3_checkpoint(world, groups, states, False)
+            state = z._get_fp32_state_dict_from_zero3_checkpoint(world, flat, states, False)
     return {k: v.contiguous().clone() if torch.is_tensor(v) else v.contiguous() for k, v in state.items()}
 
 

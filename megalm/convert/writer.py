@@ -87,7 +87,7 @@ def _write_rank(
             rt.engine.ds.lr_scheduler.step()
     seams.set_progress(rt.engine.ds, state.step, state.consumed_samples)
     meta = CheckpointMeta.of_run(cfg, rt.dims, state, tokenizer_info)
-    save_checkpoint(rt.engine.ds, Path(root), meta, tokenizer_files, keep_last=0)
+    save_checkpoint(rt.engine, Path(root), meta, tokenizer_files, keep_last=0)
 
 
 def _load_shards(model: nn.Module, weights: str, cfg: Config, tp_rank: int, tp: int) -> dict[str, torch.Tensor]:

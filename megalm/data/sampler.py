@@ -60,8 +60,14 @@ def collate(samples: list[np.ndarray]) -> tuple[Any, Any]:
 
 
 def build_dataloader(dataset: Any, sampler: MegatronPretrainingSampler, num_workers: int) -> Any:
-    """A torch DataLoader over `dataset` driven by `sampler`, yielding (tokens, labels)."""
+    """A torch DataLoader over `dataset` driven by `sampler`, yielding (tokens, labels).
+
+    It gets a generator of its own: a DataLoader without one draws its workers' base seed from the
+    global torch RNG each time it starts iterating, which would shift the dropout masks of a resumed
+    run (whose loader starts at the resume step) against an uninterrupted one. Samples need no
+    randomness here: the sampler's order is fixed by the sample index."""
     return DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
         pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(0),
     )

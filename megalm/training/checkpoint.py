@@ -1,14 +1,21 @@
 """Checkpoints: DeepSpeed's own layout plus megalm's metadata, with a `latest` written last.
 
     RUN_DIR/checkpoints/
-      latest                       tag of the newest COMPLETE checkpoint (written after every rank saved)
+      latest                       tag of the newest COMPLETE checkpoint
       global_stepN/
         mp_rank_XX_model_states.pt, *_optim_states.pt ...   DeepSpeed's files (zero_to_fp32 works)
         megalm.json                CheckpointMeta (megalm.training.checkpoint_meta): format version,
                                    parallel dims, step, consumed samples, tokenizer, config
         config.yaml                the resolved config
         tokenizer/                 the tokenizer's files
-        rng_state_rank{R}.pt       python/numpy/torch/cuda RNG states of each rank
+        rng_state_rank{R}.pt       python/numpy/torch/cuda RNG states of each rank, and its
+                                   tensor-parallel dropout tracker
+
+A save is written into global_stepN.saving; when every rank has written and fsync'd its files, rank 0
+renames the directory to global_stepN (setting aside a complete checkpoint of the same step, if a run
+saves one step twice: resumed, then preempted at once) and only then writes `latest`. So a
+global_stepN directory is always complete, and a save that dies half-way never touches the
+checkpoint `latest` names.
 
 DeepSpeed reads its own files with torch.load(weights_only=False) (its checkpoint engine needs
 pickled optimizer objects); megalm's own files (RNG states) are loaded with weights_only=True.
@@ -29,54 +36,80 @@ import torch
 import torch.distributed as dist
 
 from megalm.errors import MegalmError
+from megalm.parallel.random import TensorParallelRNG
 from megalm.training.checkpoint_meta import METADATA_FILE, CheckpointMeta, TrainState
+from megalm.training.engine import Engine
 
 TAG_RE = re.compile(r"^global_step(\d+)$")
+SAVING, REPLACED = ".saving", ".replaced"
+"""Suffixes of a save in progress and of a same-step checkpoint set aside while a save is published."""
 
 
 def tag_of(step: int) -> str:
     return f"global_step{step}"
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(tracker: TensorParallelRNG) -> dict[str, Any]:
     """This process's RNG states as tensors and plain values (loadable with weights_only=True)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
         "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
         "torch": torch.get_rng_state(),
+        "tensor_parallel": tracker.get_states(),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], tracker: TensorParallelRNG) -> None:
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+    tracker.set_states(state["tensor_parallel"])
 
 
 def save_checkpoint(
-    engine: Any, root: Path, meta: CheckpointMeta, tokenizer_files: list[str], keep_last: int,
+    engine: Engine, root: Path, meta: CheckpointMeta, tokenizer_files: list[str], keep_last: int,
 ) -> Path:
-    """Collective: every rank saves its part; rank 0 writes metadata and, last, `latest`."""
+    """Collective: every rank saves its part into global_stepN.saving and fsyncs it; rank 0 writes
+    the metadata, publishes the directory as global_stepN and, last, points `latest` at it."""
     tag = tag_of(meta.state.step)
+    staging = root / (tag + SAVING)
     rank = dist.get_rank()
-    engine.save_checkpoint(str(root), tag=tag, client_state={"megalm": meta.to_dict()}, save_latest=False)
-    ckpt = root / tag
-    _atomic_torch_save(rng_state(), ckpt / f"rng_state_rank{rank}.pt")
     if rank == 0:
-        _write_metadata(ckpt, meta, tokenizer_files)
-    dist.barrier()  # every rank's files are on disk before `latest` points at them
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)  # left by a save that died half-way
+    dist.barrier()
+    engine.ds.save_checkpoint(str(root), tag=staging.name, client_state={"megalm": meta.to_dict()},
+                              save_latest=False)
+    _atomic_torch_save(rng_state(engine.tp.rng), staging / f"rng_state_rank{rank}.pt")
     if rank == 0:
+        _write_metadata(staging, meta, tokenizer_files)
+    fsync_tree(staging)  # what this rank wrote is on disk before `latest` can name it
+    dist.barrier()
+    if rank == 0:
+        _publish(root, staging, tag)
         atomic_write_text(root / "latest", tag)
         _prune(root, keep_last, keep=tag)
     dist.barrier()
-    return ckpt
+    return root / tag
+
+
+def _publish(root: Path, staging: Path, tag: str) -> None:
+    """Rename the finished save to `tag`; a complete checkpoint already there is set aside first and
+    deleted only once the new one is in place (resolve_load falls back to it if the job dies between)."""
+    final, replaced = root / tag, root / (tag + REPLACED)
+    if final.exists():
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.rename(final, replaced)
+    os.rename(staging, final)
+    _fsync_dir(root)
+    shutil.rmtree(replaced, ignore_errors=True)
 
 
 def _write_metadata(ckpt: Path, meta: CheckpointMeta, tokenizer_files: list[str]) -> None:
@@ -88,10 +121,40 @@ def _write_metadata(ckpt: Path, meta: CheckpointMeta, tokenizer_files: list[str]
             shutil.copy2(f, ckpt / "tokenizer" / Path(f).name)
 
 
+def fsync_tree(path: Path) -> None:
+    """fsync every file and directory under `path`, so what this process wrote there is on disk.
+    Every rank calls it after its own writes (on a shared file system a rank flushes only its own);
+    another rank's temporary file that is renamed meanwhile is skipped: that rank syncs its own."""
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            try:
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to path.tmp, fsync it, rename it over `path` and fsync the directory."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -109,6 +172,10 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 
 def _prune(root: Path, keep_last: int, keep: str) -> None:
+    """Delete all but the newest `keep_last` checkpoints (0: keep all), and what saves that died
+    half-way left behind (*.saving, *.replaced)."""
+    for leftover in [*root.glob(f"global_step*{SAVING}"), *root.glob(f"global_step*{REPLACED}")]:
+        shutil.rmtree(leftover, ignore_errors=True)
     if keep_last <= 0:
         return
     for _, path in list_checkpoints(root)[:-keep_last]:
@@ -126,7 +193,12 @@ def resolve_load(load: str, root: Path) -> tuple[Path, str] | None:
         return None
     if load == "auto":
         latest = root / "latest"
-        return (root, latest.read_text().strip()) if latest.is_file() else None
+        if not latest.is_file():
+            return None
+        tag = latest.read_text().strip()
+        if not (root / tag).is_dir() and (root / (tag + REPLACED)).is_dir():
+            return root, tag + REPLACED  # the job died while a same-step save was being published
+        return root, tag
     path = Path(load)
     if (path / "latest").is_file():
         return path, (path / "latest").read_text().strip()
@@ -138,18 +210,19 @@ def resolve_load(load: str, root: Path) -> tuple[Path, str] | None:
     )
 
 
-def load_checkpoint(engine: Any, root: Path, tag: str, *, load_optimizer: bool = True) -> TrainState:
-    """Collective: load DeepSpeed state and this rank's RNG; return where training stands."""
+def load_checkpoint(engine: Engine, root: Path, tag: str, *, load_optimizer: bool = True) -> TrainState:
+    """Collective: load DeepSpeed state and this rank's RNG states; return where training stands.
+    The RNG states are restored only on the layout they were saved at (each rank's own stream)."""
     ckpt = root / tag
     if not ckpt.is_dir():
         raise MegalmError(f"checkpoint {ckpt} does not exist")
-    path, client = engine.load_checkpoint(
+    path, client = engine.ds.load_checkpoint(
         str(root), tag=tag, load_optimizer_states=load_optimizer, load_lr_scheduler_states=True
     )
     if path is None or client is None or "megalm" not in client:
         raise MegalmError(f"checkpoint {ckpt} could not be loaded (incomplete, or not written by megalm)")
     meta = CheckpointMeta.from_dict(client["megalm"], f"the megalm state in {ckpt}")
     rng_file = ckpt / f"rng_state_rank{dist.get_rank()}.pt"
-    if rng_file.is_file() and meta.dims.world_size == dist.get_world_size():
-        set_rng_state(torch.load(rng_file, weights_only=True))
+    if rng_file.is_file() and meta.dims == engine.dims:
+        set_rng_state(torch.load(rng_file, weights_only=True), engine.tp.rng)
     return meta.state

@@ -19,6 +19,7 @@ from megalm.config import Config
 from megalm.errors import MegalmError
 from megalm.model.gpt import GPT
 from megalm.parallel.context import TensorParallel
+from megalm.parallel.dims import ParallelDims
 from megalm.parallel.groups import DeepSpeedMPU, ProcessGroups
 from megalm.parallel.pipeline import build_pipeline_module
 from megalm.training.ds_config import deepspeed_config
@@ -44,29 +45,29 @@ def init_deepspeed_runtime(timeout_minutes: float) -> None:
 
 @dataclass
 class Engine:
-    """The DeepSpeed engine with what the loop needs beside it."""
+    """The DeepSpeed engine with what the loop and the checkpoints need beside it."""
 
     ds: Any  # deepspeed.DeepSpeedEngine or deepspeed.pipe.PipelineEngine (the model is ds.module)
     pipeline: bool
+    tp: TensorParallel  # the model's tensor-parallel context (its dropout tracker is checkpointed)
+    dims: ParallelDims
 
 
-def build_model(cfg: Config, groups: ProcessGroups) -> nn.Module:
+def build_model(cfg: Config, tp: TensorParallel, dims: ParallelDims) -> nn.Module:
     """The model this rank holds: the whole GPT, or its pipeline stage as a PipelineModule."""
-    tp = TensorParallel.from_groups(groups, sequence_parallel=cfg.parallel.sequence_parallel, seed=cfg.train.seed)
     if cfg.parallel.pipeline > 1:
-        return build_pipeline_module(cfg, tp, groups.dims)
+        return build_pipeline_module(cfg, tp, dims)
     return GPT(cfg.model, tp)
 
 
-def build_engine(cfg: Config, groups: ProcessGroups, model: nn.Module | None = None) -> Engine:
-    """`model`: a prebuilt build_model(cfg, groups) (e.g. holding converted weights, which must be in
+def build_engine(cfg: Config, groups: ProcessGroups, model: nn.Module, tp: TensorParallel) -> Engine:
+    """DeepSpeed's engine around `model` (build_model's, already holding any weights that must be in
     place before deepspeed.initialize copies them into the optimizer's fp32 masters)."""
     import deepspeed  # noqa: PLC0415 - heavy
 
     if cfg.train.precision == "fp16" and device_type() != "cuda":
         raise MegalmError("train.precision=fp16 needs a CUDA device (DeepSpeed's CPU accelerator has no "
                           "fp16); use bf16 or fp32 on CPU")
-    model = model if model is not None else build_model(cfg, groups)
     # ZeRO-0 bf16/fp16: DeepSpeed's mixed-precision wrapper skips a step with a non-finite gradient norm
     ds_checks = cfg.zero.stage == 0 and cfg.train.precision != "fp32"
     optimizer = build_optimizer(model, cfg.optimizer, guard=not ds_checks)
@@ -85,4 +86,4 @@ def build_engine(cfg: Config, groups: ProcessGroups, model: nn.Module | None = N
         seams.skip_gradient_allreduce(ds)
     if cfg.train.compile:
         ds.compile()  # lazy: the first forward compiles the whole model into one graph
-    return Engine(ds=ds, pipeline=pipeline)
+    return Engine(ds=ds, pipeline=pipeline, tp=tp, dims=groups.dims)

@@ -175,7 +175,7 @@ def _log_step(run: Run, state: TrainState, loss: float, lr: float, seconds: floa
 def save(run: Run, state: TrainState) -> None:
     rt = run.rt
     meta = CheckpointMeta.of_run(rt.cfg, rt.dims, state, rt.data.tokenizer_info())
-    ckpt.save_checkpoint(rt.engine.ds, Path(rt.cfg.train.run_dir) / "checkpoints", meta,
+    ckpt.save_checkpoint(rt.engine, Path(rt.cfg.train.run_dir) / "checkpoints", meta,
                          rt.data.tokenizer_files(), rt.cfg.checkpoint.keep_last)
 
 
@@ -194,7 +194,7 @@ def _resume(run: Run) -> TrainState:
         )
     if saved.data != rt.dims.data and cfg.zero.stage == 3:
         raise MegalmError("ZeRO-3 checkpoints resume only with the data-parallel size they were written with")
-    state = ckpt.load_checkpoint(rt.engine.ds, *target, load_optimizer=load_optimizer)
+    state = ckpt.load_checkpoint(rt.engine, *target, load_optimizer=load_optimizer)
     if dist.get_rank() == 0 and cfg.logging.console:
         print(f"resumed from {target[0] / target[1]}: step {state.step}, "
               f"{state.consumed_samples} samples consumed", flush=True)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from megalm.config import Config
+from megalm.parallel.context import TensorParallel
 from megalm.parallel.dims import ParallelDims
 from megalm.parallel.groups import ProcessGroups, build_process_groups, init_distributed
 from megalm.parallel.launch_env import LaunchEnv
@@ -64,9 +65,10 @@ def bootstrap(
     init_deepspeed_runtime(cfg.parallel.init_timeout_minutes)
     torch.manual_seed(cfg.train.seed)  # equal on every rank: replicated dropout agrees across tensor ranks
     train_data = TrainData.build(cfg, groups) if data else None
-    model = build_model(cfg, groups)
+    tp = TensorParallel.from_groups(groups, sequence_parallel=cfg.parallel.sequence_parallel, seed=cfg.train.seed)
+    model = build_model(cfg, tp, groups.dims)
     if prepare_model is not None:
         prepare_model(model, groups)
-    engine = build_engine(cfg, groups, model)
+    engine = build_engine(cfg, groups, model, tp)
     device = torch.device("cuda", torch.cuda.current_device()) if device_type() == "cuda" else torch.device("cpu")
     return Runtime(cfg, launch, groups, train_data, engine, device)

@@ -65,3 +65,48 @@ def test_tools_on_a_foreign_checkpoint_print_one_line(tmp_path, tool):
         f"error: {ckpt / 'global_step5' / 'megalm.json'} is not megalm checkpoint metadata (no format_version): "
         "the checkpoint was not written by megalm, or by a megalm older than 0.1.0"]
     assert not (tmp_path / "out").exists()
+
+
+class _RunsCode:
+    """A pickle that would run a shell command when loaded without weights_only."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_file_whose_pickle_would_run_code_is_refused(tmp_path):
+    import torch
+
+    ckpt = tmp_path / "run" / "checkpoints" / "global_step5"
+    ckpt.mkdir(parents=True)
+    (ckpt / "megalm.json").write_text(json.dumps(_meta().to_dict()))
+    marker = tmp_path / "code-ran"
+    torch.save({"module": {"w": torch.zeros(2)}, "payload": _RunsCode(marker)}, ckpt / "mp_rank_00_model_states.pt")
+    (ckpt.parent / "latest").write_text("global_step5")
+    for tool in (["convert_checkpoint.py", "to-hf", "--output", str(tmp_path / "hf")], ["generate.py", "--prompt", "x"]):
+        r = subprocess.run([sys.executable, f"tools/{tool[0]}", *tool[1:], "--checkpoint", str(ckpt.parent)],
+                           cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and not marker.exists(), r.stderr[-2000:]
+        assert r.stderr.strip().splitlines() == [
+            f"error: {ckpt / 'mp_rank_00_model_states.pt'} holds a pickled posix.system, which is not among the types "
+            "DeepSpeed writes: refusing to load it (unpickling it could run code)"]
+    assert not (tmp_path / "hf").exists()
+
+
+def test_deepspeed_objects_in_the_allowlist_load(tmp_path):
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    from megalm import seams
+
+    torch.save({"scaler": LossScaler(1.0), "w": torch.ones(3)}, tmp_path / "f.pt")
+    loaded = seams.load_deepspeed_file(tmp_path / "f.pt")
+    assert isinstance(loaded["scaler"], LossScaler) and torch.equal(loaded["w"], torch.ones(3))
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "f.pt").read_bytes()[:200])
+    with pytest.raises(MegalmError, match="cut.pt cannot be read .*damaged or truncated"):
+        seams.load_deepspeed_file(tmp_path / "cut.pt")
