@@ -13,9 +13,14 @@ DeepSpeed
     set_progress(engine, step, samples)  `global_steps` / `global_samples`, saved in its checkpoint
     load_deepspeed_file(path)            its files with weights_only=True and the allowlist of the
                                          types it pickles (deepspeed_pickled_types)
-    zero_fp32_state(ckpt, mp)            zero_to_fp32's private reassembly helpers, for one
-                                         model-parallel rank of any layout (its public entry point
-                                         reads a whole checkpoint and not a pipeline stage's files)
+    prepare_optimizer_state(engine, step) create the Adam state DeepSpeed makes lazily, linked to
+                                         ZeRO-1/2's fragments; set_full_state(engine, param, values):
+                                         a parameter's master and moments at any ZeRO stage
+    zero0_optimizer_state(model_states)  the optimizer state a ZeRO-0 model-states file holds
+    zero_optimizer_states(ckpt, mp)      fp32 masters and Adam moments of one model-parallel rank,
+                                         reassembled by zero_to_fp32's private helpers (its public
+                                         entry point reads a whole checkpoint, masters only, and not a
+                                         pipeline stage's files)
 transformers (version 5 spellings)
     rope_kwargs(theta), rope_theta_of()  RoPE as `rope_parameters={"rope_type", "rope_theta"}`
     dtype_kwargs(dtype)                  `dtype=` (version 4: `torch_dtype=`)
@@ -85,6 +90,64 @@ def deepspeed_pickled_types() -> list[type]:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
+def _inner_optimizer(engine: Any) -> torch.optim.Optimizer:
+    """The torch optimizer doing the update (DeepSpeed's ZeRO and mixed-precision wrappers hold it)."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def _adam_state_for(opt: torch.optim.Optimizer, group: dict, p: torch.Tensor, step: float) -> dict:
+    """opt.state[p], created as torch's Adam would at its first step (zero moments) when missing;
+    its step set to `step` (a float32 tensor, on p's device for the fused and capturable kernels)."""
+    state = opt.state[p]
+    if "exp_avg" not in state:
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    on_device = group.get("fused") or group.get("capturable")
+    state["step"] = torch.tensor(step, dtype=torch.float32, device=p.device if on_device else "cpu")
+    return state
+
+
+def prepare_optimizer_state(engine: Any, step: float) -> None:
+    """Give every tensor the optimizer updates an Adam state at `step` (DeepSpeed's ZeRO optimizers
+    create it lazily, at the first step) and link ZeRO-1/2's per-parameter fragments to it, so that
+    set_full_state can write a parameter's moments before training resumes."""
+    opt, inner = engine.optimizer, _inner_optimizer(engine)
+    for group in inner.param_groups:
+        for p in group["params"]:
+            _adam_state_for(inner, group, p, step)
+    for i, flat in enumerate(getattr(opt, "fp32_partitioned_groups_flat", [])):  # ZeRO-3: a sub-group is
+        _adam_state_for(inner, inner.param_groups[opt.sub_group_to_group_id[i]], flat, step)  # in a group only in step()
+    lp_groups = getattr(opt, "bit16_groups", None) or getattr(opt, "bf16_groups", None)
+    if lp_groups is not None:  # ZeRO-1/2 and the bf16 optimizer: one flat fp32 partition per group
+        for group, lps in zip(inner.param_groups, lp_groups, strict=True):
+            for lp in lps:
+                if getattr(lp, "_hp_mapping", None) is not None:
+                    lp._hp_mapping.set_optim_state_fragment(group["params"][0], inner.state[group["params"][0]])
+
+
+def set_full_state(engine: Any, param: torch.nn.Parameter, values: dict[str, torch.Tensor]) -> None:
+    """Set `param`'s fp32 master ("fp32") and Adam moments ("exp_avg", "exp_avg_sq") from full
+    values of this rank's tensor-parallel shard, at any ZeRO stage (after prepare_optimizer_state)."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state  # noqa: PLC0415 - heavy
+
+    if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):  # ZeRO 1-3, bf16 optimizer (None: another rank's)
+        for key, value in values.items():
+            value = value.to(torch.float32)
+            safe_set_full_fp32_param(param, value) if key == "fp32" else safe_set_full_optimizer_state(param, value, key)
+        return
+    opt, inner = engine.optimizer, _inner_optimizer(engine)
+    master = param
+    if hasattr(opt, "fp16_groups") and hasattr(opt, "fp32_groups"):  # ZeRO-0 bf16/fp16: a fp32 copy per param
+        master = next(m for lps, ms in zip(opt.fp16_groups, opt.fp32_groups, strict=True)
+                      for lp, m in zip(lps, ms, strict=True) if lp is param)
+    elif opt is not inner:
+        raise RuntimeError(f"{type(opt).__name__}: megalm cannot set its optimizer state")
+    with torch.no_grad():
+        for key, value in values.items():
+            target = master if key == "fp32" else inner.state[master][key]
+            target.copy_(value.to(target.dtype).view_as(target))
+
+
 def load_deepspeed_file(path: Path) -> Any:
     """A file DeepSpeed wrote, memory-mapped (tensors are read when touched) and unpickled with
     weights_only=True: tensors, containers, numbers and exactly deepspeed_pickled_types(). Anything
@@ -106,11 +169,23 @@ def _dp_rank(path: Path) -> int:
     return int(re.search(r"zero_pp_rank_(\d+)_", path.name).group(1))
 
 
+OPTIMIZER_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
+"""The per-parameter states a universal checkpoint carries: the fp32 master and Adam's two moments."""
+
+
 def zero_fp32_state(ckpt: Path, mp: int) -> dict[str, torch.Tensor] | None:
-    """fp32 master weights of model-parallel rank `mp` of checkpoint directory `ckpt`, reassembled
-    from every data-parallel partition of ZeRO 1-3 (names as the rank's module), or None without
-    optimizer partitions (ZeRO-0). Files are read by load_deepspeed_file; the reassembly is
-    zero_to_fp32's (its own file parser would unpickle with weights_only=False)."""
+    """fp32 master weights of model-parallel rank `mp` of checkpoint directory `ckpt` (names as the
+    rank's module), or None without ZeRO optimizer partitions (ZeRO-0)."""
+    states = zero_optimizer_states(ckpt, mp, keys=("fp32",))
+    return None if states is None else states["fp32"]
+
+
+def zero_optimizer_states(ckpt: Path, mp: int, keys: tuple[str, ...] = OPTIMIZER_KEYS) -> dict[str, Any] | None:
+    """{key: {name: full tensor of this model-parallel rank}} for `keys` among OPTIMIZER_KEYS (the
+    moments only once the optimizer has taken a step), and "step" (Adam's step count), reassembled from every data-parallel partition of ZeRO 1-3 or the bf16
+    optimizer; None without such partitions (ZeRO-0). Files are read by load_deepspeed_file; the
+    reassembly is zero_to_fp32's, fed the moments' flat partitions as it is fed the masters' (they
+    share one layout)."""
     from deepspeed.checkpoint import constants as c  # noqa: PLC0415 - heavy
     from deepspeed.utils import zero_to_fp32 as z  # noqa: PLC0415
 
@@ -121,15 +196,39 @@ def zero_fp32_state(ckpt: Path, mp: int) -> dict[str, torch.Tensor] | None:
     model_files = zero3 or [ckpt / f"mp_rank_{mp:02d}_model_states.pt"]
     states = [_zero_model_state(z, load_deepspeed_file(f)) for f in model_files]
     partitions = [load_deepspeed_file(f)[c.OPTIMIZER_STATE_DICT] for f in optim]
-    stage, world = partitions[0][c.ZERO_STAGE], partitions[0][c.PARTITION_COUNT]
+    stage, world = partitions[0].get(c.ZERO_STAGE, 1), partitions[0][c.PARTITION_COUNT]  # bf16 optimizer: no stage
     world = max(world) if isinstance(world, list) else world
     if world != len(optim):
         raise MegalmError(f"{ckpt}: {len(optim)} optimizer partitions of model-parallel rank {mp}, the "
                           f"checkpoint was written by {world}: the checkpoint is incomplete")
-    flat = [p[c.SINGLE_PARTITION_OF_FP32_GROUPS if stage <= 2 else c.FP32_FLAT_GROUPS] for p in partitions]
+    base = [p[c.BASE_OPTIMIZER_STATE if stage <= 2 else c.OPTIMIZER_STATE_DICT]["state"] for p in partitions]
+    out: dict[str, Any] = {"step": float(next(iter(base[0].values()))["step"]) if base[0] else 0.0}
+    if not all(base):  # saved before the optimizer's first step: no moments yet
+        keys = tuple(k for k in keys if k == "fp32")
+    for key in keys:
+        if key == "fp32":
+            flat = [p[c.SINGLE_PARTITION_OF_FP32_GROUPS if stage <= 2 else c.FP32_FLAT_GROUPS] for p in partitions]
+        else:
+            flat = [[b[g][key] for g in sorted(b)] for b in base]
+        out[key] = _merge_partitions(z, stage, world, flat, states, partitions[0].get(c.PARAM_ALIGNMENT_PADDINGS))
+    return out
+
+
+def zero0_optimizer_state(model_states: dict[str, Any]) -> tuple[dict[str, Any], list[list[torch.Tensor]] | None]:
+    """(torch optimizer state dict, fp32 masters per param group or None) of a ZeRO-0 model-states
+    file: the plain optimizer's state (fp32: the masters are the module weights), or DeepSpeed's
+    bf16/fp16 wrapper's (its fp32 copies in "fp32_groups", the inner optimizer's state beside them)."""
+    saved = model_states.get("optimizer")
+    if not saved:
+        raise MegalmError("the checkpoint holds no optimizer state (saved without it)")
+    if "optimizer_state_dict" in saved:
+        return saved["optimizer_state_dict"], saved["fp32_groups"]
+    return saved, None
+
+
+def _merge_partitions(z: Any, stage: int, world: int, flat: list, states: list, paddings: Any) -> dict[str, torch.Tensor]:
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress prints
         if stage <= 2:
-            paddings = partitions[0].get(c.PARAM_ALIGNMENT_PADDINGS)
             state = z._get_fp32_state_dict_from_zero2_checkpoint(world, flat, states, False, paddings)
         else:
             state = z._get_fp32_state_dict_from_zero3_checkpoint(world, flat, states, False)

@@ -1,4 +1,4 @@
-"""tools/convert_checkpoint.py: to-hf | from-hf | reshard (megalm checkpoints <-> Hugging Face, TP/PP)."""
+"""tools/convert_checkpoint.py: to-hf | from-hf | reshard | universal (megalm checkpoints <-> Hugging Face, layouts)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 
 from megalm.convert.hf import from_hf, to_hf
 from megalm.convert.reshard import reshard
+from megalm.convert.universal import convert_to_universal
 from megalm.convert.writer import describe_written
 from megalm.errors import run_cli
 
@@ -28,9 +29,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _layout_args(f)
     f.add_argument("--config", help="YAML whose non-model sections the run uses (default: megalm's defaults)")
     f.add_argument("--no-tokenizer", action="store_true", help="do not convert the tokenizer (set data.* yourself)")
-    r = sub.add_parser("reshard", help="change tensor/pipeline size (fresh optimizer, same step and data order)")
+    r = sub.add_parser("reshard", help="change tensor/pipeline size (weights, Adam moments, step and data order kept)")
     r.add_argument("--checkpoint", required=True, help="RUN_DIR, RUN_DIR/checkpoints or .../global_stepN")
     _layout_args(r)
+    u = sub.add_parser("universal", help="any layout -> a universal checkpoint that resumes at any layout "
+                       "(checkpoint.load=OUTPUT)")
+    u.add_argument("--checkpoint", required=True, help="RUN_DIR, RUN_DIR/checkpoints or .../global_stepN")
+    u.add_argument("--output", required=True, help="new directory (latest, global_stepN/zero/<param>/...)")
     return p.parse_args(argv)
 
 
@@ -49,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         summary = to_hf(a.checkpoint, a.output, dtype=a.dtype, max_shard_size=a.max_shard_size,
                         verify=not a.no_verify, prefer_master=not a.module_weights)
         print(json.dumps({**summary, "seconds": round(time.perf_counter() - t0, 2)}))
+        return 0
+    if a.command == "universal":
+        ckpt = convert_to_universal(a.checkpoint, a.output)
+        print(f"wrote {describe_written(ckpt)} in {time.perf_counter() - t0:.1f} s; resume at any layout with: "
+              f"python -m megalm.train --config CONFIG checkpoint.load={a.output} [parallel.* zero.stage=...]")
         return 0
     if a.command == "from-hf":
         ckpt = from_hf(a.hf, a.output, tensor=a.tp, pipeline=a.pp, data_parallel=a.dp, config_file=a.config,

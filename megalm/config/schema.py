@@ -183,13 +183,14 @@ class CheckpointConfig:
     """Keep the newest K checkpoints (0 keeps all)."""
     load: str = "auto"
     """auto: resume from RUN_DIR/checkpoints/latest if present; none: start fresh; or a path to a
-    checkpoint directory (global_stepN or its parent)."""
+    checkpoint directory (global_stepN or its parent). A universal checkpoint (convert_checkpoint.py
+    universal) resumes at any tensor / pipeline / data-parallel size and ZeRO stage."""
     save_at_end: bool = True
     """Save after the last step."""
     reset_optimizer: bool = False
     """On resume, load weights, step, schedule and data position but start a fresh optimizer
-    state. Needed to resume a ZeRO-1/2 checkpoint with another data-parallel size (DeepSpeed
-    partitions optimizer states by data-parallel rank)."""
+    state (Adam moments zero). The fallback for resuming a ZeRO-1/2 checkpoint at another
+    data-parallel size; a universal checkpoint keeps the optimizer instead."""
 
 
 @dataclass(kw_only=True)

@@ -6,7 +6,8 @@ above max_shard_size) + generation_config.json + the tokenizer (hf_tokenizer), e
 The output is written to OUT.partial and renamed when complete, then (unless verify=False)
 reloaded with AutoModelForCausalLM and its logits compared with megalm's on a fixed input.
 
-from_hf: an HF directory -> ModelConfig + megalm state (hf_import) -> writer.write_checkpoint at T x P.
+from_hf: an HF directory -> ModelConfig + megalm state (hf_import) -> a universal checkpoint of the
+weights (no optimizer state) -> writer.write_checkpoint at T x P, as reshard goes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +27,13 @@ from megalm.convert.hf_import import load_hf_dir
 from megalm.convert.hf_names import gpt2_to_hf, llama_to_hf
 from megalm.convert.hf_tokenizer import MEGALM_SIDECAR, export_tokenizer, tokenizer_from_hf_dir
 from megalm.convert.reader import open_checkpoint, read_state
+from megalm.convert.universal import write_universal
 from megalm.convert.writer import write_checkpoint
 from megalm.data.tokenizer import build_tokenizer
 from megalm.errors import MegalmError
 from megalm.inference.load import build_gpt
+from megalm.parallel.dims import ParallelDims
+from megalm.training.checkpoint_meta import CheckpointMeta, TrainState
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -154,5 +159,9 @@ def from_hf(hf_dir: str | Path, output: str | Path, *, tensor: int = 1, pipeline
         cfg.data.tokenizer_type, cfg.data.tokenizer_model = kind, model_file
         tok = build_tokenizer(kind, model_file)
         info, files = tok.describe(), tok.files()
-    return write_checkpoint(cfg, {k: v.float() for k, v in state.items()}, run_dir, tokenizer_info=info,
-                            tokenizer_files=files, data_parallel=data_parallel)
+    meta = CheckpointMeta.of_run(cfg, ParallelDims(tensor=1, pipeline=1, data=1), TrainState(), info)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".megalm-universal-", dir=run_dir) as tmp:
+        weights = ((name, {"fp32": value.float()}) for name, value in state.items())
+        universal = write_universal(Path(tmp) / "u", meta, weights, 0.0, files)
+        return write_checkpoint(cfg, universal, run_dir, tokenizer_files=files, data_parallel=data_parallel)

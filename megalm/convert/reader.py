@@ -22,7 +22,6 @@ safetensors.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,13 +29,13 @@ from typing import Any
 import torch
 
 from megalm import seams
-from megalm.config import Config, ModelConfig
+from megalm.config import Config
 from megalm.data.tokenizer import build_tokenizer
 from megalm.errors import MegalmError
-from megalm.model.gpt import GPT, VOCAB_PARAMETERS
-from megalm.parallel.context import TensorParallel
+from megalm.model.gpt import VOCAB_PARAMETERS
 from megalm.parallel.layers import unshard_tensor
 from megalm.parallel.pipeline import TIED_PREFIX, gpt_name
+from megalm.parallel.sharding import sharding_specs
 from megalm.parallel.vocab import strip_vocab_padding
 from megalm.training.checkpoint import TAG_RE
 from megalm.training.checkpoint_meta import METADATA_FILE, CheckpointMeta
@@ -94,25 +93,6 @@ def open_checkpoint(path: str | Path) -> MegalmCheckpoint:
     return MegalmCheckpoint(ckpt, CheckpointMeta.read(ckpt))
 
 
-def sharding_specs(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """name -> (partition_dim, partition_stride) of every GPT parameter; dim -1: replicated.
-
-    Read from the parameters' own attributes (set by the tensor-parallel layers) of a one-block
-    GPT on the meta device; every block shares block 0's layout."""
-    small = dataclasses.replace(cfg, num_layers=1)
-    with torch.device("meta"):
-        model = GPT(small, TensorParallel.build(None))
-    specs = {}
-    for name, p in model.named_parameters():
-        spec = (p.partition_dim, p.partition_stride) if p.tensor_model_parallel else (-1, 1)
-        if name.startswith("blocks.0."):
-            for i in range(cfg.num_layers):
-                specs[f"blocks.{i}." + name[len("blocks.0."):]] = spec
-        else:
-            specs[name] = spec
-    return specs
-
-
 def _module_weights(ckpt: Path, mp: int, tensor: int, pipelined: bool) -> dict[str, torch.Tensor]:
     """The module's own weights (training dtype) of model-parallel rank `mp`."""
     if not (ckpt / f"mp_rank_{mp:02d}_model_states.pt").is_file():
@@ -148,10 +128,25 @@ def read_rank(ckpt: MegalmCheckpoint, mp: int, prefer_master: bool = True) -> tu
     return out, source
 
 
+UNIVERSAL_STATE_DIR, UNIVERSAL_PARAM = "zero", "param"
+"""A universal checkpoint's zero/<name>/<state>.pt files hold {"param": tensor} (DeepSpeed's format)."""
+
+
+def universal_state_file(ckpt: Path, name: str, key: str) -> Path:
+    """Where a universal checkpoint keeps state `key` (fp32, exp_avg, exp_avg_sq, step) of `name`."""
+    return ckpt / UNIVERSAL_STATE_DIR / name / f"{key}.pt"
+
+
 def read_state(ckpt: MegalmCheckpoint, prefer_master: bool = True) -> tuple[dict[str, torch.Tensor], str]:
     """The full model: GPT names, tensor size 1, fp32, vocabulary padding stripped."""
     cfg = ckpt.config.model
     specs = sharding_specs(cfg)
+    if ckpt.meta.kind == "universal":
+        missing = [n for n in specs if not universal_state_file(ckpt.path, n, "fp32").is_file()]
+        if missing:
+            raise MegalmError(f"{ckpt.path}: the universal checkpoint lacks {len(missing)} parameters, e.g. {missing[0]}")
+        state = {n: seams.load_deepspeed_file(universal_state_file(ckpt.path, n, "fp32"))[UNIVERSAL_PARAM] for n in specs}
+        return state, "fp32 master weights (universal)"
     per_tp: list[dict[str, torch.Tensor]] = [{} for _ in range(ckpt.tensor)]
     sources = set()
     for mp in range(ckpt.tensor * ckpt.pipeline):

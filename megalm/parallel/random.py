@@ -78,9 +78,13 @@ class TensorParallelRNG:
 
     def __init__(self, seed: int, tensor_rank: int, device: torch.device | str | None = None) -> None:
         self.device = torch.device(device) if device is not None else _default_device()
-        self.seed = seed + TENSOR_PARALLEL_SEED_OFFSET + tensor_rank
-        generator = torch.Generator(device=self.device).manual_seed(self.seed)
-        self._state = generator.get_state()
+        self.tensor_rank = tensor_rank
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the stream from seed + 2718 + tensor_rank."""
+        self.seed = seed + TENSOR_PARALLEL_SEED_OFFSET + self.tensor_rank
+        self._state = torch.Generator(device=self.device).manual_seed(self.seed).get_state()
 
     @contextlib.contextmanager
     def fork(self) -> Iterator[None]:

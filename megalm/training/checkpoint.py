@@ -89,7 +89,7 @@ def save_checkpoint(
                               save_latest=False)
     _atomic_torch_save(rng_state(engine.tp.rng), staging / f"rng_state_rank{rank}.pt")
     if rank == 0:
-        _write_metadata(staging, meta, tokenizer_files)
+        write_metadata(staging, meta, tokenizer_files)
     fsync_tree(staging)  # what this rank wrote is on disk before `latest` can name it
     dist.barrier()
     if rank == 0:
@@ -112,7 +112,9 @@ def _publish(root: Path, staging: Path, tag: str) -> None:
     shutil.rmtree(replaced, ignore_errors=True)
 
 
-def _write_metadata(ckpt: Path, meta: CheckpointMeta, tokenizer_files: list[str]) -> None:
+def write_metadata(ckpt: Path, meta: CheckpointMeta, tokenizer_files: list[str]) -> None:
+    """megalm's files of a checkpoint directory: megalm.json, config.yaml, tokenizer/."""
+    ckpt.mkdir(parents=True, exist_ok=True)
     atomic_write_text(ckpt / METADATA_FILE, json.dumps(meta.to_dict(), indent=2))
     atomic_write_text(ckpt / "config.yaml", meta.config_yaml)
     if tokenizer_files:

@@ -5,7 +5,7 @@ One frozen dataclass writes and reads it. Training and the checkpoint writer bui
 `CheckpointMeta.read`. A file of an unknown format version, or one megalm did not write, is one
 clear line, never a KeyError deep in a converter.
 
-    {"format_version": 1, "megalm_version": "0.1.0",
+    {"format_version": 1, "megalm_version": "0.1.0", "kind": "deepspeed",
      "parallel": {"tensor": 2, "pipeline": 1, "data": 2}, "world_size": 4,
      "step": 10, "consumed_samples": 80, "skipped_steps": 0,
      "tokenizer": {"type": "byte", "vocab_size": 257, ...}, "config_yaml": "model: ..."}
@@ -31,6 +31,10 @@ FORMAT_VERSION = 1
 
 METADATA_FILE = "megalm.json"
 
+KINDS = ("deepspeed", "universal")
+"""deepspeed: DeepSpeed's files of the layout in `parallel` (resumes at that layout); universal: one
+full tensor per parameter and state (megalm.convert.universal; resumes at any layout)."""
+
 
 @dataclass(frozen=True)
 class TrainState:
@@ -49,6 +53,7 @@ class CheckpointMeta:
     state: TrainState
     tokenizer: dict[str, Any]
     config_yaml: str
+    kind: str = "deepspeed"
     megalm_version: str = __version__
     format_version: int = FORMAT_VERSION
 
@@ -63,12 +68,13 @@ class CheckpointMeta:
 
     def describe(self) -> str:
         d = self.dims
-        return f"tensor {d.tensor}, pipeline {d.pipeline}, data {d.data}, step {self.state.step}"
+        layout = "universal, from " if self.kind == "universal" else ""
+        return f"{layout}tensor {d.tensor}, pipeline {d.pipeline}, data {d.data}, step {self.state.step}"
 
     def to_dict(self) -> dict[str, Any]:
         d, s = self.dims, self.state
         return {
-            "format_version": self.format_version, "megalm_version": self.megalm_version,
+            "format_version": self.format_version, "megalm_version": self.megalm_version, "kind": self.kind,
             "parallel": {"tensor": d.tensor, "pipeline": d.pipeline, "data": d.data}, "world_size": d.world_size,
             "step": s.step, "consumed_samples": s.consumed_samples, "skipped_steps": s.skipped_steps,
             "tokenizer": self.tokenizer, "config_yaml": self.config_yaml,
@@ -85,11 +91,13 @@ class CheckpointMeta:
                               f"({__version__}) reads format {FORMAT_VERSION}: use the megalm that wrote it")
         try:
             p = raw["parallel"]
+            if raw["kind"] not in KINDS:
+                raise ValueError(f"kind {raw['kind']!r} is not one of {KINDS}")
             return cls(
                 dims=ParallelDims(tensor=int(p["tensor"]), pipeline=int(p["pipeline"]), data=int(p["data"])),
                 state=TrainState(int(raw["step"]), int(raw["consumed_samples"]), int(raw["skipped_steps"])),
                 tokenizer=dict(raw["tokenizer"]), config_yaml=str(raw["config_yaml"]),
-                megalm_version=str(raw["megalm_version"]),
+                kind=raw["kind"], megalm_version=str(raw["megalm_version"]),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise MegalmError(f"{source}: metadata format {FORMAT_VERSION} with a missing or malformed "

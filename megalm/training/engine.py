@@ -22,6 +22,7 @@ from megalm.parallel.context import TensorParallel
 from megalm.parallel.dims import ParallelDims
 from megalm.parallel.groups import DeepSpeedMPU, ProcessGroups
 from megalm.parallel.pipeline import build_pipeline_module
+from megalm.parallel.sharding import universal_checkpoint_info
 from megalm.training.ds_config import deepspeed_config
 from megalm.training.optimizer import build_optimizer
 from megalm.training.schedule import build_scheduler
@@ -54,10 +55,11 @@ class Engine:
 
 
 def build_model(cfg: Config, tp: TensorParallel, dims: ParallelDims) -> nn.Module:
-    """The model this rank holds: the whole GPT, or its pipeline stage as a PipelineModule."""
-    if cfg.parallel.pipeline > 1:
-        return build_pipeline_module(cfg, tp, dims)
-    return GPT(cfg.model, tp)
+    """The model this rank holds: the whole GPT, or its pipeline stage as a PipelineModule. Its
+    `universal_checkpoint_info` goes into every checkpoint DeepSpeed saves (for ds_to_universal)."""
+    model = build_pipeline_module(cfg, tp, dims) if cfg.parallel.pipeline > 1 else GPT(cfg.model, tp)
+    model.universal_checkpoint_info = universal_checkpoint_info(cfg.model, dims.tensor)
+    return model
 
 
 def build_engine(cfg: Config, groups: ProcessGroups, model: nn.Module, tp: TensorParallel) -> Engine:

@@ -13,7 +13,9 @@ import torch
 import torch.distributed as dist
 
 from megalm.config import Config
+from megalm.convert.universal import UniversalCheckpoint
 from megalm.errors import MegalmError
+from megalm.parallel.dims import ParallelDims
 from megalm.training import checkpoint as ckpt
 from megalm.training.checkpoint_meta import CheckpointMeta, TrainState
 from megalm.training.metrics import MetricsLogger, Throughput, device_peak_tflops, memory_gib
@@ -23,11 +25,14 @@ from megalm.training.startup import Runtime, bootstrap
 
 @dataclass
 class Run:
-    """Everything built once at start-up: the runtime (groups, data, engine) and the metrics sinks."""
+    """Everything built once at start-up: the runtime (groups, data, engine), the metrics sinks and
+    the checkpoint to resume from (root, tag), if any (a universal one already holds its weights)."""
 
     rt: Runtime
     logger: MetricsLogger
     throughput: Throughput
+    resume_from: tuple[Path, str] | None
+    universal: UniversalCheckpoint | None
 
     @property
     def cfg(self) -> Config:
@@ -35,7 +40,13 @@ class Run:
 
 
 def setup(cfg: Config) -> Run:
-    rt = bootstrap(cfg, data=True, announce=cfg.logging.console)
+    target = ckpt.resolve_load(cfg.checkpoint.load, Path(cfg.train.run_dir) / "checkpoints")
+    universal = None
+    if target is not None and CheckpointMeta.read(target[0] / target[1]).kind == "universal":
+        universal = UniversalCheckpoint.open(target[0] / target[1])
+        universal.check_model(cfg)
+    rt = bootstrap(cfg, data=True, announce=cfg.logging.console,
+                   prepare_model=universal.weight_loader(cfg) if universal else None)
     run_dir = Path(cfg.train.run_dir)
     rank0 = dist.get_rank() == 0
     if rank0:
@@ -44,7 +55,7 @@ def setup(cfg: Config) -> Run:
     logger = MetricsLogger(run_dir, enabled=rank0, console=cfg.logging.console,
                            tensorboard=cfg.logging.tensorboard, total_steps=cfg.train.steps)
     throughput = Throughput.of_run(cfg, rt.dims.world_size, device_peak_tflops(cfg.logging.peak_tflops))
-    return Run(rt, logger, throughput)
+    return Run(rt, logger, throughput, target, universal)
 
 
 def train(cfg: Config) -> TrainState:
@@ -180,25 +191,37 @@ def save(run: Run, state: TrainState) -> None:
 
 
 def _resume(run: Run) -> TrainState:
-    cfg, rt = run.cfg, run.rt
-    target = ckpt.resolve_load(cfg.checkpoint.load, Path(cfg.train.run_dir) / "checkpoints")
+    cfg, rt, target = run.cfg, run.rt, run.resume_from
     if target is None:
         return TrainState()
-    saved = CheckpointMeta.read(target[0] / target[1]).dims
     load_optimizer = not cfg.checkpoint.reset_optimizer
-    if saved.data != rt.dims.data and cfg.zero.stage >= 1 and load_optimizer:
-        raise MegalmError(
-            f"the checkpoint was written with data parallel {saved.data}, this run has "
-            f"{rt.dims.data}; ZeRO-{cfg.zero.stage} optimizer states are partitioned by data-parallel "
-            "rank: resume with the same data-parallel size, or set checkpoint.reset_optimizer=true"
-        )
-    if saved.data != rt.dims.data and cfg.zero.stage == 3:
-        raise MegalmError("ZeRO-3 checkpoints resume only with the data-parallel size they were written with")
-    state = ckpt.load_checkpoint(rt.engine, *target, load_optimizer=load_optimizer)
+    if run.universal is not None:
+        state = run.universal.load_optimizer(rt.engine, cfg, moments=load_optimizer)
+    else:
+        _check_same_layout(CheckpointMeta.read(target[0] / target[1]), cfg, rt.dims, load_optimizer)
+        state = ckpt.load_checkpoint(rt.engine, *target, load_optimizer=load_optimizer)
     if dist.get_rank() == 0 and cfg.logging.console:
         print(f"resumed from {target[0] / target[1]}: step {state.step}, "
               f"{state.consumed_samples} samples consumed", flush=True)
     return state
+
+
+def _check_same_layout(meta: CheckpointMeta, cfg: Config, dims: ParallelDims, load_optimizer: bool) -> None:
+    """DeepSpeed's own files resume on their own layout; anything else goes through a universal
+    checkpoint (checkpoint.reset_optimizer=true is the fallback for a data-parallel change)."""
+    saved, stage = meta.dims, meta.config.zero.stage
+    convert = ("convert it: python tools/convert_checkpoint.py universal --checkpoint CHECKPOINT --output U, "
+               "then resume with checkpoint.load=U")
+    if (saved.tensor, saved.pipeline) != (dims.tensor, dims.pipeline):
+        raise MegalmError(f"the checkpoint was written at tensor {saved.tensor} x pipeline {saved.pipeline}, this "
+                          f"run has {dims.tensor} x {dims.pipeline}: {convert}")
+    if stage != cfg.zero.stage and 3 in (stage, cfg.zero.stage) or (stage == 0) != (cfg.zero.stage == 0):
+        raise MegalmError(f"the checkpoint was written with ZeRO-{stage}, this run has ZeRO-{cfg.zero.stage}: {convert}")
+    if saved.data != dims.data and cfg.zero.stage >= 1 and (load_optimizer or cfg.zero.stage == 3):
+        raise MegalmError(
+            f"the checkpoint was written with data parallel {saved.data}, this run has {dims.data}; "
+            f"ZeRO-{cfg.zero.stage} partitions the optimizer by data-parallel rank: {convert} "
+            "(or set checkpoint.reset_optimizer=true to start a fresh optimizer)")
 
 
 def _write_status(run: Run, state: TrainState, kind: str) -> None:

@@ -63,6 +63,7 @@ def _hf_loss_on_first_batch(hf_dir, run, prefix):
 def test_reshard_keeps_the_loss(checkpoints, convert_shards, trainer, tmp_path, tp, pp, world):
     from megalm.convert.reader import open_checkpoint, read_state
     from megalm.convert.reshard import reshard
+    from megalm.convert.universal import convert_to_universal
 
     src = tmp_path / "src"
     shutil.copytree(checkpoints["llama_tp2_pp2"], src)
@@ -72,8 +73,14 @@ def test_reshard_keeps_the_loss(checkpoints, convert_shards, trainer, tmp_path, 
     assert all(torch.equal(before[k], after[k]) for k in before)
     meta = open_checkpoint(out).meta.to_dict()
     assert meta["step"] == 3 and meta["consumed_samples"] == 24
-    reference = _next_loss(trainer, src, 4, convert_shards, 4)  # step 4 of the TP2 PP2 run
-    resharded = _next_loss(trainer, out, world, convert_shards, 4)
+    # the Adam moments and step moved with the weights: both universal forms are equal, bitwise
+    ua, ub = convert_to_universal(src, tmp_path / "ua"), convert_to_universal(out, tmp_path / "ub")
+    files = sorted(p.relative_to(ua) for p in ua.glob("zero/*/*.pt"))
+    assert len(files) == 4 * len(before) and files == sorted(p.relative_to(ub) for p in ub.glob("zero/*/*.pt"))
+    assert all(torch.equal(torch.load(ua / f)["param"], torch.load(ub / f)["param"]) for f in files)
+    # step 5 follows an update that used the moments: equal to the TP2 PP2 run's step 5
+    reference = _next_loss(trainer, src, 4, convert_shards, 5)
+    resharded = _next_loss(trainer, out, world, convert_shards, 5)
     assert abs(resharded - reference) <= 1e-5 * abs(reference)
 
 

@@ -1,0 +1,245 @@
+"""Universal checkpoints: every parameter's full fp32 master and Adam moments, so a run resumes at any
+tensor / pipeline / data-parallel size and ZeRO stage with its optimizer.
+
+    python tools/convert_checkpoint.py universal --checkpoint RUN_DIR --output U
+    python -m megalm.train --config ... checkpoint.load=U parallel.tensor=... zero.stage=...
+
+Layout (DeepSpeed's universal checkpoint layout and file format, megalm's GPT parameter names):
+
+    U/latest                          -> global_stepN
+    U/global_stepN/
+      megalm.json                     CheckpointMeta, kind "universal" (the source's layout and position)
+      config.yaml, tokenizer/         as in every megalm checkpoint
+      zero/<name>/fp32.pt             {"param": tensor}: the full fp32 master, tensor size 1, the
+              exp_avg.pt, exp_avg_sq.pt  tokenizer's vocabulary rows (no padding); moments absent when
+              step.pt                    the source had no optimizer state (from-hf); step: Adam's count
+
+Writing reads the source with megalm's checkpoint reader (any layout: ZeRO 0-3, fp32 or bf16,
+pipeline or not; the ZeRO partitions are reassembled by DeepSpeed's zero_to_fp32 helpers through
+megalm.seams, the tensor shards joined along each parameter's partition_dim/stride). Loading is
+DeepSpeed's: the weights go into the model before deepspeed.initialize, then each rank's masters and
+moments are set through DeepSpeed's safe_set_full_* API, which partitions them for ZeRO; only the
+slicing of a full tensor into this rank's tensor-parallel shard is megalm's (`local_shard`). The
+optimizer's parameter groups, learning rate and weight decay come from the resuming run's config,
+matched by name, never from the source's group list by position.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from megalm import seams
+from megalm.config import Config
+from megalm.convert.reader import (
+    UNIVERSAL_PARAM,
+    MegalmCheckpoint,
+    merge_tensor_shards,
+    open_checkpoint,
+    read_rank,
+    universal_state_file,
+)
+from megalm.errors import MegalmError
+from megalm.model.gpt import GPT, VOCAB_PARAMETERS
+from megalm.parallel.context import TensorParallel
+from megalm.parallel.groups import ProcessGroups
+from megalm.parallel.layers import shard_tensor
+from megalm.parallel.pipeline import gpt_name
+from megalm.parallel.sharding import sharding_specs
+from megalm.parallel.vocab import pad_vocab_rows
+from megalm.training.checkpoint import atomic_write_text, tag_of, write_metadata
+from megalm.training.checkpoint_meta import CheckpointMeta, TrainState
+from megalm.training.engine import Engine
+from megalm.training.optimizer import param_groups
+
+# ----------------------------------------------------------------------------- writing
+
+
+def convert_to_universal(checkpoint: str | Path, output: str | Path) -> Path:
+    """Write the universal form of a megalm checkpoint (any layout) into `output`; return its tag dir."""
+    src = open_checkpoint(checkpoint)
+    if src.meta.kind == "universal":
+        raise MegalmError(f"{src.path} is already a universal checkpoint")
+    states, step = full_optimizer_states(src)
+    return write_universal(output, src.meta, states, step, src.tokenizer().files())
+
+
+def write_universal(
+    output: str | Path, meta: CheckpointMeta, states: Iterator[tuple[str, dict[str, torch.Tensor]]], step: float,
+    tokenizer_files: list[str],
+) -> Path:
+    """Write `states` (GPT name -> {"fp32", and optionally "exp_avg", "exp_avg_sq"}) as a universal
+    checkpoint at meta's step into `output` (a new directory); written as OUTPUT.partial, renamed last."""
+    out = Path(output)
+    if out.exists() and any(out.iterdir()):
+        raise MegalmError(f"output directory {out} exists and is not empty; choose a new one")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ckpt = tmp / tag_of(meta.state.step)
+    try:
+        for name, values in states:
+            universal_state_file(ckpt, name, "fp32").parent.mkdir(parents=True)
+            for key, value in values.items():
+                torch.save({UNIVERSAL_PARAM: value.contiguous()}, universal_state_file(ckpt, name, key))
+            torch.save({UNIVERSAL_PARAM: torch.tensor(step)}, universal_state_file(ckpt, name, "step"))
+        write_metadata(ckpt, replace(meta, kind="universal"), tokenizer_files)
+        atomic_write_text(tmp / "latest", ckpt.name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left looking like a checkpoint
+        raise
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return out / ckpt.name
+
+
+def full_optimizer_states(src: MegalmCheckpoint) -> tuple[Iterator[tuple[str, dict[str, torch.Tensor]]], float]:
+    """(GPT name -> full {"fp32", "exp_avg", "exp_avg_sq"}, Adam's step) of a checkpoint of any layout."""
+    cfg = src.config.model
+    specs = sharding_specs(cfg)
+    per_key: dict[str, list[dict[str, torch.Tensor]]] = {k: [{} for _ in range(src.tensor)] for k in seams.OPTIMIZER_KEYS}
+    step, keys = None, set(seams.OPTIMIZER_KEYS)
+    for mp in range(src.tensor * src.pipeline):
+        rank_states, rank_step = _rank_states(src, mp)
+        step, keys = rank_step if step is None else step, keys & set(rank_states)
+        for key, named in rank_states.items():
+            for name, value in named.items():
+                per_key[key][mp % src.tensor].setdefault(gpt_name(name, cfg.num_layers), value.float())
+    missing = sorted(set(specs) - set(per_key["fp32"][0]))
+    if missing:
+        raise MegalmError(f"{src.path}: the checkpoint lacks {len(missing)} parameters, e.g. {missing[0]}")
+    keys = [k for k in seams.OPTIMIZER_KEYS if k in keys]  # no moments before the first optimizer step
+    full = {key: merge_tensor_shards(per_key[key], specs, cfg.vocab_size) for key in keys}
+    return ((name, {key: full[key][name] for key in keys}) for name in specs), float(step)
+
+
+def _rank_states(src: MegalmCheckpoint, mp: int) -> tuple[dict[str, dict[str, torch.Tensor]], float]:
+    """({key: {module name: tensor}}, step) of model-parallel rank `mp`."""
+    zero = seams.zero_optimizer_states(src.path, mp)
+    if zero is not None:
+        return {k: zero[k] for k in seams.OPTIMIZER_KEYS if k in zero}, zero["step"]
+    if src.pipeline > 1:
+        raise MegalmError(f"{src.path}: a ZeRO-0 pipeline checkpoint keeps its optimizer state in a form megalm "
+                          "does not convert; resume it at the same layout and save it with zero.stage=1")
+    model_states = seams.load_deepspeed_file(src.path / f"mp_rank_{mp:02d}_model_states.pt")
+    optim, masters = seams.zero0_optimizer_state(model_states)
+    names = _optimizer_order(src.config)
+    weights, _ = read_rank(src, mp, prefer_master=False)
+    keys = seams.OPTIMIZER_KEYS if optim["state"] else ("fp32",)  # no moments before the first step
+    out: dict[str, dict[str, torch.Tensor]] = {k: {} for k in keys}
+    for g, group in enumerate(optim["param_groups"]):
+        for j, index in enumerate(group["params"]):
+            name = names[g][j]
+            out["fp32"][name] = masters[g][j] if masters is not None else weights[name]
+            for key in keys[1:]:
+                out[key][name] = optim["state"][index][key]
+    step = next(iter(optim["state"].values()))["step"] if optim["state"] else 0.0
+    return out, float(step)
+
+
+def _optimizer_order(cfg: Config) -> list[list[str]]:
+    """The parameter names of each optimizer group, in the order megalm's optimizer holds them (a
+    model on the meta device grouped as training groups it: names do not depend on the layout)."""
+    with torch.device("meta"):
+        model = GPT(cfg.model, TensorParallel.build(None))
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in group["params"]] for group in param_groups(model, cfg.optimizer)]
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def local_shard(full: torch.Tensor, name: str, param: nn.Parameter, tp_rank: int, tp: int) -> torch.Tensor:
+    """This rank's tensor-parallel shard of the full (unpadded) tensor of GPT parameter `name`, shaped
+    as `param` (the vocabulary padded to this layout's size, split along partition_dim/stride)."""
+    shape = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 keeps the shard's shape aside
+    if name in VOCAB_PARAMETERS:
+        full = pad_vocab_rows(full, shape[0] * (tp if param.tensor_model_parallel else 1))
+    if param.tensor_model_parallel and tp > 1:
+        full = shard_tensor(full, param.partition_dim, tp_rank, tp, param.partition_stride)
+    if tuple(full.shape) != shape:
+        raise MegalmError(f"{name}: the universal checkpoint's tensor {tuple(full.shape)} does not fit this "
+                          f"model's {shape}: the checkpoint is of another model shape")
+    return full
+
+
+class UniversalCheckpoint:
+    """A universal checkpoint directory (global_stepN), read one tensor at a time (memory-mapped)."""
+
+    def __init__(self, ckpt: Path, meta: CheckpointMeta) -> None:
+        self.path, self.meta = ckpt, meta
+
+    @classmethod
+    def open(cls, ckpt: Path) -> UniversalCheckpoint:
+        meta = CheckpointMeta.read(ckpt)
+        if meta.kind != "universal":
+            raise MegalmError(f"{ckpt} is not a universal checkpoint (convert it with convert_checkpoint.py universal)")
+        return cls(ckpt, meta)
+
+    def has(self, name: str, key: str) -> bool:
+        return universal_state_file(self.path, name, key).is_file()
+
+    def tensor(self, name: str, key: str) -> torch.Tensor:
+        path = universal_state_file(self.path, name, key)
+        if not path.is_file():
+            raise MegalmError(f"{path} is missing: the universal checkpoint is incomplete")
+        return seams.load_deepspeed_file(path)[UNIVERSAL_PARAM]
+
+    def check_model(self, cfg: Config) -> None:
+        """One line when the resuming model is not the checkpoint's (shape, vocabulary, architecture)
+        or a state file is missing: before anything is built or written."""
+        saved, now = self.meta.config.model, cfg.model
+        for key in ("arch", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
+                    "vocab_size", "tie_embeddings", "max_seq_len"):
+            if getattr(saved, key) != getattr(now, key):
+                raise MegalmError(f"the universal checkpoint {self.path} is of another model: model.{key} is "
+                                  f"{getattr(saved, key)} there and {getattr(now, key)} here")
+        moments = self.has(next(iter(sharding_specs(now))), "exp_avg")
+        for name in sharding_specs(now):
+            for key in ["fp32", "step", *(["exp_avg", "exp_avg_sq"] if moments else [])]:
+                if not self.has(name, key):
+                    raise MegalmError(f"{universal_state_file(self.path, name, key)} is missing: the universal "
+                                      "checkpoint is incomplete")
+
+    def weight_loader(self, cfg: Config) -> Callable[[nn.Module, ProcessGroups], None]:
+        """bootstrap's prepare_model: copy each parameter's fp32 master (rounded to the model's dtype)
+        into the model before deepspeed.initialize makes the optimizer's masters from it."""
+
+        def load(model: nn.Module, groups: ProcessGroups) -> None:
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    gpt = gpt_name(name, cfg.model.num_layers)
+                    shard = local_shard(self.tensor(gpt, "fp32"), gpt, param, groups.tensor_rank, groups.dims.tensor)
+                    param.copy_(shard)
+
+        return load
+
+    def load_optimizer(self, engine: Engine, cfg: Config, moments: bool = True) -> TrainState:
+        """Collective, after weight_loader and deepspeed.initialize: set every master exactly, both
+        Adam moments and Adam's step (unless `moments` is False: a fresh optimizer), the learning-rate
+        schedule and DeepSpeed's step counters; reseed the random streams for the step (the source's
+        per-rank states belong to its own layout). Return where training stands."""
+        tp_rank, tp, layers = engine.tp.rank, engine.tp.size, cfg.model.num_layers
+        params = list(engine.ds.module.named_parameters())
+        step = float(self.tensor(gpt_name(params[0][0], layers), "step")) if moments and params else 0.0
+        seams.prepare_optimizer_state(engine.ds, step)
+        for name, param in params:
+            gpt = gpt_name(name, layers)
+            keys = [k for k in seams.OPTIMIZER_KEYS if k == "fp32" or (moments and self.has(gpt, k))]
+            seams.set_full_state(engine.ds, param, {k: local_shard(self.tensor(gpt, k), gpt, param, tp_rank, tp)
+                                                    for k in keys})
+        state = self.meta.state
+        with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": intended
+            warnings.simplefilter("ignore")
+            for _ in range(state.step):
+                engine.ds.lr_scheduler.step()
+        seams.set_progress(engine.ds, state.step, state.consumed_samples)
+        torch.manual_seed(cfg.train.seed + state.step)  # as Megatron does on a layout change
+        engine.tp.rng.reseed(cfg.train.seed + state.step)
+        return state
