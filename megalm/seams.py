@@ -17,10 +17,10 @@ DeepSpeed
                                          ZeRO-1/2's fragments; set_full_state(engine, param, values):
                                          a parameter's master and moments at any ZeRO stage
     zero0_optimizer_state(model_states)  the optimizer state a ZeRO-0 model-states file holds
-    zero_optimizer_states(ckpt, mp)      fp32 masters and Adam moments of one model-parallel rank,
-                                         reassembled by zero_to_fp32's private helpers (its public
-                                         entry point reads a whole checkpoint, masters only, and not a
-                                         pipeline stage's files)
+    ZeroPartitions.open(ckpt, mp)        the fp32 masters and Adam moments of one model-parallel rank
+                                         in DeepSpeed's flat ZeRO 1-3 partitions (zero_to_fp32's layout),
+                                         read one parameter at a time (its own reader merges whole
+                                         groups in memory and not a pipeline stage's files)
 transformers (version 5 spellings)
     rope_kwargs(theta), rope_theta_of()  RoPE as `rope_parameters={"rope_type", "rope_theta"}`
     dtype_kwargs(dtype)                  `dtype=` (version 4: `torch_dtype=`)
@@ -32,10 +32,11 @@ Both packages are heavy to import, so each function imports what it needs when c
 
 from __future__ import annotations
 
-import contextlib
-import io
+import itertools
+import math
 import pickle
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -176,42 +177,111 @@ OPTIMIZER_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 def zero_fp32_state(ckpt: Path, mp: int) -> dict[str, torch.Tensor] | None:
     """fp32 master weights of model-parallel rank `mp` of checkpoint directory `ckpt` (names as the
     rank's module), or None without ZeRO optimizer partitions (ZeRO-0)."""
-    states = zero_optimizer_states(ckpt, mp, keys=("fp32",))
-    return None if states is None else states["fp32"]
+    parts = ZeroPartitions.open(ckpt, mp)
+    return None if parts is None else {name: parts.tensor(name, "fp32") for name in parts.names()}
 
 
-def zero_optimizer_states(ckpt: Path, mp: int, keys: tuple[str, ...] = OPTIMIZER_KEYS) -> dict[str, Any] | None:
-    """{key: {name: full tensor of this model-parallel rank}} for `keys` among OPTIMIZER_KEYS (the
-    moments only once the optimizer has taken a step), and "step" (Adam's step count), reassembled from every data-parallel partition of ZeRO 1-3 or the bf16
-    optimizer; None without such partitions (ZeRO-0). Files are read by load_deepspeed_file; the
-    reassembly is zero_to_fp32's, fed the moments' flat partitions as it is fed the masters' (they
-    share one layout)."""
-    from deepspeed.checkpoint import constants as c  # noqa: PLC0415 - heavy
-    from deepspeed.utils import zero_to_fp32 as z  # noqa: PLC0415
+@dataclass(frozen=True)
+class _Slot:
+    """Where one parameter lies in the flat partitions: its group (ZeRO-1/2), its offset in that
+    group's flat vector (ZeRO-1/2) or in each rank's concatenated sub-groups (ZeRO-3), its size."""
 
-    optim = sorted(ckpt.glob(f"*zero_pp_rank_*_mp_rank_{mp:02d}_optim_states.pt"), key=_dp_rank)
-    if not optim:
-        return None
-    zero3 = sorted(ckpt.glob(f"zero_pp_rank_*_mp_rank_{mp:02d}_model_states.pt"), key=_dp_rank)
-    model_files = zero3 or [ckpt / f"mp_rank_{mp:02d}_model_states.pt"]
-    states = [_zero_model_state(z, load_deepspeed_file(f)) for f in model_files]
-    partitions = [load_deepspeed_file(f)[c.OPTIMIZER_STATE_DICT] for f in optim]
-    stage, world = partitions[0].get(c.ZERO_STAGE, 1), partitions[0][c.PARTITION_COUNT]  # bf16 optimizer: no stage
-    world = max(world) if isinstance(world, list) else world
-    if world != len(optim):
-        raise MegalmError(f"{ckpt}: {len(optim)} optimizer partitions of model-parallel rank {mp}, the "
-                          f"checkpoint was written by {world}: the checkpoint is incomplete")
-    base = [p[c.BASE_OPTIMIZER_STATE if stage <= 2 else c.OPTIMIZER_STATE_DICT]["state"] for p in partitions]
-    out: dict[str, Any] = {"step": float(next(iter(base[0].values()))["step"]) if base[0] else 0.0}
-    if not all(base):  # saved before the optimizer's first step: no moments yet
-        keys = tuple(k for k in keys if k == "fp32")
-    for key in keys:
+    group: int
+    offset: int
+    numel: int
+    shape: tuple[int, ...]
+
+
+@dataclass
+class ZeroPartitions:
+    """The optimizer partitions of one model-parallel rank of a ZeRO 1-3 (or bf16 optimizer)
+    checkpoint, read one parameter at a time: each call maps the data-parallel files it needs
+    (load_deepspeed_file: memory-mapped, weights_only) and copies out only that parameter, so memory
+    holds one parameter, whatever the checkpoint's size. The flat layouts are zero_to_fp32's:
+    ZeRO-1/2 split each group's flat vector (parameters in order, alignment padding after each) into
+    equal consecutive partitions; ZeRO-3 splits every parameter into equal padded partitions."""
+
+    files: list[Path]  # one per data-parallel rank
+    stage: int
+    slots: dict[str, _Slot]
+    partition_numel: list[int]  # ZeRO-1/2: of each group; ZeRO-3: of each sub-group, on one rank
+    step: float  # Adam's step count (0 before the first optimizer step)
+    has_moments: bool
+
+    @classmethod
+    def open(cls, ckpt: Path, mp: int) -> ZeroPartitions | None:
+        """None when the rank has no optimizer partitions (ZeRO-0)."""
+        from deepspeed.checkpoint import constants as c  # noqa: PLC0415 - heavy
+
+        files = sorted(ckpt.glob(f"*zero_pp_rank_*_mp_rank_{mp:02d}_optim_states.pt"), key=_dp_rank)
+        if not files:
+            return None
+        first = load_deepspeed_file(files[0])[c.OPTIMIZER_STATE_DICT]
+        stage, world = int(first.get(c.ZERO_STAGE, 1)), first[c.PARTITION_COUNT]  # bf16 optimizer: no stage
+        world = max(world) if isinstance(world, list) else world
+        if world != len(files):
+            raise MegalmError(f"{ckpt}: {len(files)} optimizer partitions of model-parallel rank {mp}, the "
+                              f"checkpoint was written by {world}: the checkpoint is incomplete")
+        flat = first[c.SINGLE_PARTITION_OF_FP32_GROUPS if stage <= 2 else c.FP32_FLAT_GROUPS]
+        base = first[c.BASE_OPTIMIZER_STATE if stage <= 2 else c.OPTIMIZER_STATE_DICT]["state"]
+        model = ckpt / (f"zero_pp_rank_0_mp_rank_{mp:02d}_model_states.pt" if stage == 3
+                        else f"mp_rank_{mp:02d}_model_states.pt")
+        shapes = load_deepspeed_file(model)["param_shapes"]
+        paddings = first.get(c.PARAM_ALIGNMENT_PADDINGS)
+        slots = _zero3_slots(shapes, world) if stage == 3 else _zero12_slots(shapes, paddings)
+        step = float(next(iter(base.values()))["step"]) if base else 0.0
+        return cls(files, stage, slots, [t.numel() for t in flat], step, bool(base))
+
+    def names(self) -> list[str]:
+        return list(self.slots)
+
+    def tensor(self, name: str, key: str) -> torch.Tensor:
+        """The full (data-parallel merged) tensor of parameter `name` for `key` in OPTIMIZER_KEYS."""
+        slot = self.slots[name]
+        if self.stage <= 2:
+            size = self.partition_numel[slot.group]
+            first, last = slot.offset // size, (slot.offset + slot.numel - 1) // size
+            pieces = [self._flats(d, key)[slot.group][max(slot.offset - d * size, 0):
+                                                       min(slot.offset + slot.numel - d * size, size)].clone()
+                      for d in range(first, last + 1)]
+            return torch.cat(pieces).view(slot.shape)
+        per_rank = math.ceil(slot.numel / len(self.files))
+        bounds = [0, *itertools.accumulate(self.partition_numel)]
+        pieces = []
+        for d in range(len(self.files)):
+            flats = self._flats(d, key)
+            for g, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+                start, end = max(slot.offset, lo), min(slot.offset + per_rank, hi)
+                if start < end:
+                    pieces.append(flats[g][start - lo:end - lo].clone())
+        return torch.cat(pieces)[:slot.numel].view(slot.shape)
+
+    def _flats(self, d: int, key: str) -> list[torch.Tensor]:
+        from deepspeed.checkpoint import constants as c  # noqa: PLC0415 - heavy
+
+        sd = load_deepspeed_file(self.files[d])[c.OPTIMIZER_STATE_DICT]
         if key == "fp32":
-            flat = [p[c.SINGLE_PARTITION_OF_FP32_GROUPS if stage <= 2 else c.FP32_FLAT_GROUPS] for p in partitions]
-        else:
-            flat = [[b[g][key] for g in sorted(b)] for b in base]
-        out[key] = _merge_partitions(z, stage, world, flat, states, partitions[0].get(c.PARAM_ALIGNMENT_PADDINGS))
-    return out
+            return sd[c.SINGLE_PARTITION_OF_FP32_GROUPS if self.stage <= 2 else c.FP32_FLAT_GROUPS]
+        state = sd[c.BASE_OPTIMIZER_STATE if self.stage <= 2 else c.OPTIMIZER_STATE_DICT]["state"]
+        return [state[g][key] for g in sorted(state)]
+
+
+def _zero12_slots(shapes: list[dict], paddings: list[list[int]] | None) -> dict[str, _Slot]:
+    slots = {}
+    for g, group in enumerate(shapes):
+        offset = 0
+        for j, (name, shape) in enumerate(group.items()):
+            slots[name] = _Slot(g, offset, math.prod(shape), tuple(shape))
+            offset += math.prod(shape) + (paddings[g][j] if paddings is not None else 0)
+    return slots
+
+
+def _zero3_slots(shapes: list[dict], world: int) -> dict[str, _Slot]:
+    slots, offset = {}, 0
+    for name, shape in ((n, s) for group in shapes for n, s in group.items()):
+        slots[name] = _Slot(-1, offset, math.prod(shape), tuple(shape))
+        offset += math.ceil(math.prod(shape) / world)
+    return slots
 
 
 def zero0_optimizer_state(model_states: dict[str, Any]) -> tuple[dict[str, Any], list[list[torch.Tensor]] | None]:
@@ -224,27 +294,6 @@ def zero0_optimizer_state(model_states: dict[str, Any]) -> tuple[dict[str, Any],
     if "optimizer_state_dict" in saved:
         return saved["optimizer_state_dict"], saved["fp32_groups"]
     return saved, None
-
-
-def _merge_partitions(z: Any, stage: int, world: int, flat: list, states: list, paddings: Any) -> dict[str, torch.Tensor]:
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress prints
-        if stage <= 2:
-            state = z._get_fp32_state_dict_from_zero2_checkpoint(world, flat, states, False, paddings)
-        else:
-            state = z._get_fp32_state_dict_from_zero3_checkpoint(world, flat, states, False)
-    return {k: v.contiguous().clone() if torch.is_tensor(v) else v.contiguous() for k, v in state.items()}
-
-
-def _zero_model_state(z: Any, sd: dict[str, Any]) -> Any:
-    """zero_to_fp32's view of a model-states file (its own parser fails on a pipeline stage's
-    file, whose "module" is None: the weights are in the layer files)."""
-    module = sd.get("module") or {}
-    buffers = {k: v.float() if v.is_floating_point() else v for k, v in module.items() if k in sd["buffer_names"]}
-    return z.zero_model_state(
-        buffers=buffers, param_shapes=sd["param_shapes"], shared_params=list((sd.get("shared_params") or {}).items()),
-        ds_version=sd.get("ds_version"), frozen_param_shapes=sd.get("frozen_param_shapes"),
-        frozen_param_fragments=sd.get("frozen_param_fragments"),
-    )
 
 
 # ----------------------------------------------------------------------------- transformers

@@ -22,6 +22,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the saved weights")
     t.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (an index above it)")
     t.add_argument("--no-verify", action="store_true", help="skip reloading with transformers and comparing logits")
+    t.add_argument("--verify-layers", type=int, default=None,
+                   help="compare the logits of the first N blocks only (default: all when two copies of the model "
+                   "fit in a third of this machine's memory, else 2)")
     t.add_argument("--module-weights", action="store_true",
                    help="export the module weights even when fp32 master weights exist")
     f = sub.add_parser("from-hf", help="Hugging Face Llama/GPT-2 directory -> megalm run directory at step 0")
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if a.command == "to-hf":
         summary = to_hf(a.checkpoint, a.output, dtype=a.dtype, max_shard_size=a.max_shard_size,
-                        verify=not a.no_verify, prefer_master=not a.module_weights)
+                        verify=not a.no_verify, prefer_master=not a.module_weights, verify_layers=a.verify_layers)
         print(json.dumps({**summary, "seconds": round(time.perf_counter() - t0, 2)}))
         return 0
     if a.command == "universal":

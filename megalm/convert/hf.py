@@ -1,10 +1,11 @@
 """megalm checkpoints <-> Hugging Face transformers directories (Llama and GPT-2).
 
-to_hf: checkpoint -> unsharded fp32 state (reader) -> HF names (hf_names) -> LlamaForCausalLM /
-GPT2LMHeadModel built on the meta device -> save_pretrained (safetensors, sharded with an index
-above max_shard_size) + generation_config.json + the tokenizer (hf_tokenizer), eos = megalm's EOD.
-The output is written to OUT.partial and renamed when complete, then (unless verify=False)
-reloaded with AutoModelForCausalLM and its logits compared with megalm's on a fixed input.
+to_hf: checkpoint -> one fp32 parameter at a time (reader) -> HF names (hf_names) -> safetensors
+shards of at most max_shard_size (with transformers' index) + config.json + generation_config.json +
+the tokenizer (hf_tokenizer), eos = megalm's EOD: memory holds one parameter and one shard, not the
+model. The output is written to OUT.partial and renamed when complete, then (unless verify=False)
+reloaded with AutoModelForCausalLM and its logits compared with megalm's on a fixed input: the whole
+model when two copies fit in a third of the machine's memory, else its first two blocks.
 
 from_hf: an HF directory -> ModelConfig + megalm state (hf_import) -> a universal checkpoint of the
 weights (no optimizer state) -> writer.write_checkpoint at T x P, as reshard goes.
@@ -14,8 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 import shutil
 import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +30,15 @@ from megalm.config import Config, ModelConfig, load_config
 from megalm.convert.hf_import import load_hf_dir
 from megalm.convert.hf_names import gpt2_to_hf, llama_to_hf
 from megalm.convert.hf_tokenizer import MEGALM_SIDECAR, export_tokenizer, tokenizer_from_hf_dir
-from megalm.convert.reader import open_checkpoint, read_state
+from megalm.convert.reader import CheckpointReader, open_checkpoint
 from megalm.convert.universal import write_universal
 from megalm.convert.writer import write_checkpoint
 from megalm.data.tokenizer import build_tokenizer
 from megalm.errors import MegalmError
 from megalm.inference.load import build_gpt
+from megalm.model.flops import count_parameters
 from megalm.parallel.dims import ParallelDims
+from megalm.parallel.sharding import sharding_specs
 from megalm.training.checkpoint_meta import CheckpointMeta, TrainState
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -62,13 +68,79 @@ def hf_config(cfg: ModelConfig, tokenizer: Any, dtype: torch.dtype) -> Any:
     )
 
 
-def to_hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def to_hf_tensors(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) of the HF model, one module at a time (`state` may read lazily)."""
     return llama_to_hf(state, cfg) if cfg.arch == "llama" else gpt2_to_hf(state, cfg)
 
 
-def save_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, tokenizer: Any, out: Path, *,
+class LazyState(Mapping):
+    """GPT name -> full fp32 tensor, read from the checkpoint when asked for (one at a time)."""
+
+    def __init__(self, reader: CheckpointReader) -> None:
+        self.reader = reader
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.reader.full(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.reader.specs)
+
+    def __len__(self) -> int:
+        return len(self.reader.specs)
+
+
+def write_safetensors_shards(tensors: Iterator[tuple[str, torch.Tensor]], out: Path, dtype: torch.dtype,
+                             max_shard_bytes: int) -> list[str]:
+    """Write tensors into model.safetensors, or model-0000k-of-0000n.safetensors + the index
+    transformers reads, starting a new shard whenever the next tensor would pass max_shard_bytes;
+    memory holds one shard. Return the tensor names in order."""
+    from safetensors.torch import save_file  # noqa: PLC0415 - only conversion needs it
+
+    shards: list[dict[str, torch.Tensor]] = []
+    current: dict[str, torch.Tensor] = {}
+    size, names, weight_map = 0, [], {}
+
+    def flush() -> None:
+        nonlocal current, size
+        save_file(current, str(out / f"shard-{len(shards):05d}.tmp"), metadata={"format": "pt"})
+        shards.append(dict.fromkeys(current))
+        current, size = {}, 0
+
+    for name, tensor in tensors:
+        tensor = tensor.to(dtype).contiguous()
+        if current and size + tensor.nbytes > max_shard_bytes:
+            flush()
+        current[name], size = tensor, size + tensor.nbytes
+        names.append(name)
+    flush()
+    total = len(shards)
+    for i, shard in enumerate(shards):
+        final = "model.safetensors" if total == 1 else f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+        (out / f"shard-{i:05d}.tmp").rename(out / final)
+        weight_map.update(dict.fromkeys(shard, final))
+    if total > 1:
+        nbytes = sum((out / f).stat().st_size for f in set(weight_map.values()))
+        index = {"metadata": {"total_size": nbytes}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return names
+
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5 * 10**9, '500MiB' -> 500 * 2**20 (transformers' max_shard_size spelling)."""
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
+    if not found:
+        raise MegalmError(f"--max-shard-size {text!r}: give a size like 5GB or 500MiB")
+    return int(float(found.group(1)) * SIZE_UNITS[found.group(2)])
+
+
+def save_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig, tokenizer: Any, out: Path, *,
             dtype: torch.dtype = torch.float32, max_shard_size: str = "5GB", extra_meta: dict | None = None) -> None:
-    """Write an HF directory atomically (OUT.partial, renamed at the end)."""
+    """Write an HF directory atomically (OUT.partial, renamed at the end), the weights streamed from
+    `state` one module at a time into shards of at most max_shard_size."""
     import transformers  # noqa: PLC0415 - heavy
 
     if out.exists() and any(out.iterdir()):
@@ -78,17 +150,16 @@ def save_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, tokenizer: Any, ou
     tmp.mkdir(parents=True)
     config = hf_config(cfg, tokenizer, dtype)
     cls = transformers.LlamaForCausalLM if cfg.arch == "llama" else transformers.GPT2LMHeadModel
+    config.architectures = [cls.__name__]
+    config.save_pretrained(str(tmp))
+    transformers.GenerationConfig(bos_token_id=tokenizer.bos, eos_token_id=tokenizer.eod,
+                                  pad_token_id=tokenizer.pad).save_pretrained(str(tmp))
+    names = write_safetensors_shards(to_hf_tensors(state, cfg), tmp, dtype, parse_size(max_shard_size))
     with torch.device("meta"):
-        model = cls(config)
-    hf_state = {k: v.to(dtype) for k, v in to_hf_state(state, cfg).items()}
-    result = model.load_state_dict(hf_state, strict=False, assign=True)
-    missing = [k for k in result.missing_keys if not (cfg.tie_embeddings and k == "lm_head.weight")]
-    if missing or result.unexpected_keys:
-        raise MegalmError(f"internal: HF keys missing {missing[:3]} unexpected {result.unexpected_keys[:3]}")
-    model.tie_weights()
-    model.generation_config = transformers.GenerationConfig(
-        bos_token_id=tokenizer.bos, eos_token_id=tokenizer.eod, pad_token_id=tokenizer.pad)
-    model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+        expected = [k for k in cls(config).state_dict() if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    if sorted(names) != sorted(expected):
+        raise MegalmError(f"internal: HF keys missing {sorted(set(expected) - set(names))[:3]} "
+                          f"unexpected {sorted(set(names) - set(expected))[:3]}")
     export_tokenizer(tokenizer, tmp)
     sidecar = tmp / MEGALM_SIDECAR
     sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), **(extra_meta or {})}, indent=2))
@@ -97,20 +168,48 @@ def save_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, tokenizer: Any, ou
     tmp.rename(out)
 
 
-def verify_hf(out: Path, state: dict[str, torch.Tensor], cfg: ModelConfig, dtype: torch.dtype) -> float:
-    """Reload `out` with AutoModelForCausalLM; return max |logits - megalm's| on a fixed input (fp32).
-    Missing or unexpected keys are an error (transformers v5 would initialise them silently)."""
+VERIFY_SUBSET_BLOCKS = 2
+"""Blocks the logits check compares when the model is too large to hold twice (see verify_hf)."""
+
+
+def verify_layers(cfg: ModelConfig) -> int:
+    """All blocks when two fp32 copies of the model (transformers' and megalm's) fit in a third of
+    this machine's memory, else the first VERIFY_SUBSET_BLOCKS: every kind of tensor and mapping is
+    checked, and an off-by-one layer mapping shows (block 0 would hold block 1's weights)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    two_copies = 2 * 4 * count_parameters(cfg)
+    return cfg.num_layers if two_copies <= total // 3 else min(VERIFY_SUBSET_BLOCKS, cfg.num_layers)
+
+
+def verify_hf(out: Path, state: Mapping[str, torch.Tensor], cfg: ModelConfig, dtype: torch.dtype,
+              layers: int | None = None) -> tuple[float, str]:
+    """Reload `out` with AutoModelForCausalLM; return (max |logits - megalm's| on a fixed input in
+    fp32, what was compared). With `layers` < the model's blocks, both sides are truncated to the first
+    `layers` blocks (transformers reads only those tensors). A missing or mismatched key is an error
+    (transformers v5 would initialise it silently)."""
     import transformers  # noqa: PLC0415 - heavy
 
+    layers = verify_layers(cfg) if layers is None else min(layers, cfg.num_layers)
+    config = transformers.AutoConfig.from_pretrained(str(out))
+    config.num_hidden_layers = layers
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(
-        str(out), output_loading_info=True, **seams.dtype_kwargs(torch.float32))
-    bad = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        str(out), config=config, output_loading_info=True, **seams.dtype_kwargs(torch.float32))
+    unexpected = [k for k in info.get("unexpected_keys", ()) if not _in_later_block(k, layers)]
+    bad = {k: sorted(v) for k, v in (("missing_keys", info.get("missing_keys")), ("unexpected_keys", unexpected),
+                                     ("mismatched_keys", info.get("mismatched_keys"))) if v}
     if bad:
         raise MegalmError(f"{out}: transformers reports {bad}")
-    ours = build_gpt(cfg, {k: v.to(dtype) for k, v in state.items()})  # the export's rounding, in fp32
+    small = dataclasses.replace(cfg, num_layers=layers)
+    ours = build_gpt(small, {name: state[name].to(dtype) for name in sharding_specs(small)})  # the export's rounding
     tokens = torch.randint(0, cfg.vocab_size, (2, min(32, cfg.max_seq_len)), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        return (hf.eval()(tokens).logits - ours.logits_full(tokens)).abs().max().item()
+        diff = (hf.eval()(tokens).logits - ours.logits_full(tokens)).abs().max().item()
+    return diff, f"all {cfg.num_layers} blocks" if layers == cfg.num_layers else f"blocks 0-{layers - 1} of {cfg.num_layers}"
+
+
+def _in_later_block(hf_name: str, layers: int) -> bool:
+    found = re.search(r"\.(?:layers|h)\.(\d+)\.", hf_name)
+    return found is not None and int(found.group(1)) >= layers
 
 
 def base_config(config_file: str | None, overrides: list[str]) -> Config:
@@ -122,12 +221,13 @@ def base_config(config_file: str | None, overrides: list[str]) -> Config:
 
 
 def to_hf(checkpoint: str | Path, output: str | Path, *, dtype: str = "fp32", max_shard_size: str = "5GB",
-          verify: bool = True, prefer_master: bool = True) -> dict[str, Any]:
+          verify: bool = True, prefer_master: bool = True, verify_layers: int | None = None) -> dict[str, Any]:
     """Export a megalm checkpoint to an HF directory; return a summary (source, max logit difference)."""
     if dtype not in DTYPES:
         raise MegalmError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype}")
     ckpt = open_checkpoint(checkpoint)
-    state, source = read_state(ckpt, prefer_master)
+    reader = CheckpointReader(ckpt, prefer_master)
+    state, source = LazyState(reader), reader.source
     cfg = ckpt.config.model
     out = Path(output)
     meta = {"source_checkpoint": str(ckpt.path.resolve()), "step": ckpt.step, "weights_from": source}
@@ -135,7 +235,8 @@ def to_hf(checkpoint: str | Path, output: str | Path, *, dtype: str = "fp32", ma
     summary = {"output": str(out), "checkpoint": str(ckpt.path), "weights_from": source,
                "parallel": dataclasses.asdict(ckpt.meta.dims), "step": ckpt.step}
     if verify:
-        summary["max_abs_logit_diff"] = diff = verify_hf(out, state, cfg, DTYPES[dtype])
+        diff, summary["verified"] = verify_hf(out, state, cfg, DTYPES[dtype], verify_layers)
+        summary["max_abs_logit_diff"] = diff
         if not diff <= 1e-4:
             raise MegalmError(f"{out}: HF logits differ from megalm's by {diff:.3g} (> 1e-4); the export is wrong")
     return summary

@@ -11,6 +11,8 @@ Layout differences handled here:
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 import torch
 
 from megalm.config import ModelConfig
@@ -74,40 +76,44 @@ def gpt2_from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig, padded_vocab: in
     return out
 
 
-def llama_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """megalm GPT (tensor size 1, vocabulary padding stripped) -> HF LlamaForCausalLM state dict.
-    With tied embeddings lm_head.weight is left out (HF ties it to embed_tokens)."""
-    out = {"model.embed_tokens.weight": state["embedding.word.weight"], "model.norm.weight": state["final_norm.norm.weight"]}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = state["head.linear.weight"]
+def llama_to_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """megalm GPT (tensor size 1, vocabulary padding stripped) -> (HF LlamaForCausalLM name, tensor),
+    one module at a time: `state` may read each parameter only when it is asked for. With tied
+    embeddings lm_head.weight is left out (HF ties it to embed_tokens)."""
+    yield "model.embed_tokens.weight", state["embedding.word.weight"]
     for i in range(cfg.num_layers):
         h, m = f"model.layers.{i}.", f"blocks.{i}."
-        out[h + "input_layernorm.weight"] = state[m + "norm1.weight"]
-        out[h + "post_attention_layernorm.weight"] = state[m + "norm2.weight"]
+        yield h + "input_layernorm.weight", state[m + "norm1.weight"]
+        yield h + "post_attention_layernorm.weight", state[m + "norm2.weight"]
         q, k, v = split_qkv(state[m + "attn.qkv.weight"], cfg.num_heads, cfg.num_kv_heads)
-        out[h + "self_attn.q_proj.weight"], out[h + "self_attn.k_proj.weight"], out[h + "self_attn.v_proj.weight"] = q, k, v
-        out[h + "self_attn.o_proj.weight"] = state[m + "attn.proj.weight"]
-        out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = state[m + "mlp.fc1.weight"].chunk(2, dim=0)
-        out[h + "mlp.down_proj.weight"] = state[m + "mlp.fc2.weight"]
-    return {k: v.contiguous() for k, v in out.items()}
-
-
-def gpt2_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """megalm GPT (tensor size 1, padding stripped) -> HF GPT2LMHeadModel state dict (Conv1D: [in, out])."""
-    out = {"transformer.wte.weight": state["embedding.word.weight"],
-           "transformer.wpe.weight": state["embedding.position.weight"],
-           "transformer.ln_f.weight": state["final_norm.norm.weight"],
-           "transformer.ln_f.bias": state["final_norm.norm.bias"]}
+        yield from ((f"{h}self_attn.{x}_proj.weight", t.contiguous()) for x, t in zip("qkv", (q, k, v), strict=True))
+        yield h + "self_attn.o_proj.weight", state[m + "attn.proj.weight"]
+        gate, up = state[m + "mlp.fc1.weight"].chunk(2, dim=0)
+        yield h + "mlp.gate_proj.weight", gate.contiguous()
+        yield h + "mlp.up_proj.weight", up.contiguous()
+        yield h + "mlp.down_proj.weight", state[m + "mlp.fc2.weight"]
+    yield "model.norm.weight", state["final_norm.norm.weight"]
     if not cfg.tie_embeddings:
-        out["lm_head.weight"] = state["head.linear.weight"]
+        yield "lm_head.weight", state["head.linear.weight"]
+
+
+def gpt2_to_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """megalm GPT (tensor size 1, padding stripped) -> (HF GPT2LMHeadModel name, tensor) (Conv1D
+    weights are [in, out]), one module at a time as llama_to_hf."""
+    yield "transformer.wte.weight", state["embedding.word.weight"]
+    yield "transformer.wpe.weight", state["embedding.position.weight"]
     n = cfg.num_heads
     for i in range(cfg.num_layers):
         h, m = f"transformer.h.{i}.", f"blocks.{i}."
         for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
-            out[f"{h}{theirs}.weight"], out[f"{h}{theirs}.bias"] = state[f"{m}{ours}.weight"], state[f"{m}{ours}.bias"]
-        out[h + "attn.c_attn.weight"] = torch.cat(split_qkv(state[m + "attn.qkv.weight"], n, n)).t()
-        out[h + "attn.c_attn.bias"] = torch.cat(split_qkv(state[m + "attn.qkv.bias"], n, n))
+            yield f"{h}{theirs}.weight", state[f"{m}{ours}.weight"]
+            yield f"{h}{theirs}.bias", state[f"{m}{ours}.bias"]
+        yield h + "attn.c_attn.weight", torch.cat(split_qkv(state[m + "attn.qkv.weight"], n, n)).t().contiguous()
+        yield h + "attn.c_attn.bias", torch.cat(split_qkv(state[m + "attn.qkv.bias"], n, n))
         for ours, theirs in (("attn.proj", "attn.c_proj"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
-            out[f"{h}{theirs}.weight"] = state[f"{m}{ours}.weight"].t()
-            out[f"{h}{theirs}.bias"] = state[f"{m}{ours}.bias"]
-    return {k: v.contiguous() for k, v in out.items()}
+            yield f"{h}{theirs}.weight", state[f"{m}{ours}.weight"].t().contiguous()
+            yield f"{h}{theirs}.bias", state[f"{m}{ours}.bias"]
+    yield "transformer.ln_f.weight", state["final_norm.norm.weight"]
+    yield "transformer.ln_f.bias", state["final_norm.norm.bias"]
+    if not cfg.tie_embeddings:
+        yield "lm_head.weight", state["head.linear.weight"]

@@ -14,9 +14,9 @@ Layout (DeepSpeed's universal checkpoint layout and file format, megalm's GPT pa
               exp_avg.pt, exp_avg_sq.pt  tokenizer's vocabulary rows (no padding); moments absent when
               step.pt                    the source had no optimizer state (from-hf); step: Adam's count
 
-Writing reads the source with megalm's checkpoint reader (any layout: ZeRO 0-3, fp32 or bf16,
-pipeline or not; the ZeRO partitions are reassembled by DeepSpeed's zero_to_fp32 helpers through
-megalm.seams, the tensor shards joined along each parameter's partition_dim/stride). Loading is
+Writing reads the source with megalm's checkpoint reader, one parameter at a time (any layout: ZeRO
+0-3, fp32 or bf16, pipeline or not; a ZeRO-0 pipeline excepted), so memory holds about two copies
+of the largest parameter, not the model. Loading is
 DeepSpeed's: the weights go into the model before deepspeed.initialize, then each rank's masters and
 moments are set through DeepSpeed's safe_set_full_* API, which partitions them for ZeRO; only the
 slicing of a full tensor into this rank's tensor-parallel shard is megalm's (`local_shard`). The
@@ -37,17 +37,9 @@ from torch import nn
 
 from megalm import seams
 from megalm.config import Config
-from megalm.convert.reader import (
-    UNIVERSAL_PARAM,
-    MegalmCheckpoint,
-    merge_tensor_shards,
-    open_checkpoint,
-    read_rank,
-    universal_state_file,
-)
+from megalm.convert.reader import UNIVERSAL_PARAM, CheckpointReader, open_checkpoint, universal_state_file
 from megalm.errors import MegalmError
-from megalm.model.gpt import GPT, VOCAB_PARAMETERS
-from megalm.parallel.context import TensorParallel
+from megalm.model.gpt import VOCAB_PARAMETERS
 from megalm.parallel.groups import ProcessGroups
 from megalm.parallel.layers import shard_tensor
 from megalm.parallel.pipeline import gpt_name
@@ -56,18 +48,23 @@ from megalm.parallel.vocab import pad_vocab_rows
 from megalm.training.checkpoint import atomic_write_text, tag_of, write_metadata
 from megalm.training.checkpoint_meta import CheckpointMeta, TrainState
 from megalm.training.engine import Engine
-from megalm.training.optimizer import param_groups
 
 # ----------------------------------------------------------------------------- writing
 
 
 def convert_to_universal(checkpoint: str | Path, output: str | Path) -> Path:
-    """Write the universal form of a megalm checkpoint (any layout) into `output`; return its tag dir."""
+    """Write the universal form of a megalm checkpoint (any layout) into `output`, one parameter at a
+    time (memory: about twice the largest parameter); return its tag dir."""
     src = open_checkpoint(checkpoint)
     if src.meta.kind == "universal":
         raise MegalmError(f"{src.path} is already a universal checkpoint")
-    states, step = full_optimizer_states(src)
-    return write_universal(output, src.meta, states, step, src.tokenizer().files())
+    if src.pipeline > 1 and src.config.zero.stage == 0:
+        raise MegalmError(f"{src.path}: a ZeRO-0 pipeline checkpoint keeps its optimizer state in a form megalm "
+                          "does not convert; resume it at the same layout and save it with zero.stage=1")
+    reader = CheckpointReader(src)
+    keys = reader.keys()
+    states = ((name, {key: reader.full(name, key) for key in keys}) for name in reader.specs)
+    return write_universal(output, src.meta, states, reader.step(), src.tokenizer().files())
 
 
 def write_universal(
@@ -97,59 +94,6 @@ def write_universal(
         out.rmdir()
     tmp.rename(out)
     return out / ckpt.name
-
-
-def full_optimizer_states(src: MegalmCheckpoint) -> tuple[Iterator[tuple[str, dict[str, torch.Tensor]]], float]:
-    """(GPT name -> full {"fp32", "exp_avg", "exp_avg_sq"}, Adam's step) of a checkpoint of any layout."""
-    cfg = src.config.model
-    specs = sharding_specs(cfg)
-    per_key: dict[str, list[dict[str, torch.Tensor]]] = {k: [{} for _ in range(src.tensor)] for k in seams.OPTIMIZER_KEYS}
-    step, keys = None, set(seams.OPTIMIZER_KEYS)
-    for mp in range(src.tensor * src.pipeline):
-        rank_states, rank_step = _rank_states(src, mp)
-        step, keys = rank_step if step is None else step, keys & set(rank_states)
-        for key, named in rank_states.items():
-            for name, value in named.items():
-                per_key[key][mp % src.tensor].setdefault(gpt_name(name, cfg.num_layers), value.float())
-    missing = sorted(set(specs) - set(per_key["fp32"][0]))
-    if missing:
-        raise MegalmError(f"{src.path}: the checkpoint lacks {len(missing)} parameters, e.g. {missing[0]}")
-    keys = [k for k in seams.OPTIMIZER_KEYS if k in keys]  # no moments before the first optimizer step
-    full = {key: merge_tensor_shards(per_key[key], specs, cfg.vocab_size) for key in keys}
-    return ((name, {key: full[key][name] for key in keys}) for name in specs), float(step)
-
-
-def _rank_states(src: MegalmCheckpoint, mp: int) -> tuple[dict[str, dict[str, torch.Tensor]], float]:
-    """({key: {module name: tensor}}, step) of model-parallel rank `mp`."""
-    zero = seams.zero_optimizer_states(src.path, mp)
-    if zero is not None:
-        return {k: zero[k] for k in seams.OPTIMIZER_KEYS if k in zero}, zero["step"]
-    if src.pipeline > 1:
-        raise MegalmError(f"{src.path}: a ZeRO-0 pipeline checkpoint keeps its optimizer state in a form megalm "
-                          "does not convert; resume it at the same layout and save it with zero.stage=1")
-    model_states = seams.load_deepspeed_file(src.path / f"mp_rank_{mp:02d}_model_states.pt")
-    optim, masters = seams.zero0_optimizer_state(model_states)
-    names = _optimizer_order(src.config)
-    weights, _ = read_rank(src, mp, prefer_master=False)
-    keys = seams.OPTIMIZER_KEYS if optim["state"] else ("fp32",)  # no moments before the first step
-    out: dict[str, dict[str, torch.Tensor]] = {k: {} for k in keys}
-    for g, group in enumerate(optim["param_groups"]):
-        for j, index in enumerate(group["params"]):
-            name = names[g][j]
-            out["fp32"][name] = masters[g][j] if masters is not None else weights[name]
-            for key in keys[1:]:
-                out[key][name] = optim["state"][index][key]
-    step = next(iter(optim["state"].values()))["step"] if optim["state"] else 0.0
-    return out, float(step)
-
-
-def _optimizer_order(cfg: Config) -> list[list[str]]:
-    """The parameter names of each optimizer group, in the order megalm's optimizer holds them (a
-    model on the meta device grouped as training groups it: names do not depend on the layout)."""
-    with torch.device("meta"):
-        model = GPT(cfg.model, TensorParallel.build(None))
-    names = {id(p): n for n, p in model.named_parameters()}
-    return [[names[id(p)] for p in group["params"]] for group in param_groups(model, cfg.optimizer)]
 
 
 # ----------------------------------------------------------------------------- loading

@@ -68,6 +68,17 @@ def gpt_name(name: str, num_layers: int) -> str:
     return f"{final_norm if idx == num_layers + 1 else head}.{rest}"
 
 
+def pipeline_layer(name: str, num_layers: int) -> tuple[int, str]:
+    """GPT name -> (pipeline layer index, name inside that layer): the inverse of gpt_name
+    ("blocks.2.attn.qkv.weight" -> (3, "attn.qkv.weight")); the layer's file is layer_{index:02d}-*."""
+    embedding, blocks, final_norm, head = PIPELINE_LAYERS
+    module, rest = name.split(".", 1)
+    if module == blocks:
+        index, rest = rest.split(".", 1)
+        return int(index) + 1, rest
+    return {embedding: 0, final_norm: num_layers + 1, head: num_layers + 2}[module], rest
+
+
 def build_pipeline_module(cfg: Config, tp: TensorParallel, dims: ParallelDims) -> nn.Module:
     """This rank's stage of the pipeline (DeepSpeed builds only the layers of its own stage), in
     the order of PIPELINE_LAYERS."""

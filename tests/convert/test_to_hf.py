@@ -84,3 +84,23 @@ def test_bf16_export_and_sharded_index(checkpoints, tmp_path):
     assert len(set(index["weight_map"].values())) > 1
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert hf.dtype == torch.bfloat16 and not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_subset_verification_compares_the_first_blocks_and_catches_a_wrong_layer(checkpoints, tmp_path):
+    # a model too large to hold twice is checked on its first blocks (transformers reads only those)
+    from safetensors.torch import load_file, save_file
+
+    from megalm.convert.hf import LazyState, to_hf, verify_hf
+    from megalm.convert.reader import CheckpointReader, open_checkpoint
+
+    out = tmp_path / "hf"
+    summary = to_hf(checkpoints["llama_tp2_pp2"], out, verify_layers=1)
+    assert summary["verified"] == "blocks 0-0 of 2" and summary["max_abs_logit_diff"] < 1e-4
+    ckpt = open_checkpoint(checkpoints["llama_tp2_pp2"])
+    state = LazyState(CheckpointReader(ckpt))
+    tensors = load_file(str(out / "model.safetensors"))
+    for key in ("self_attn.q_proj.weight", "mlp.down_proj.weight"):  # block 0 holding block 1's weights
+        tensors[f"model.layers.0.{key}"] = tensors[f"model.layers.1.{key}"].clone()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    diff, verified = verify_hf(out, state, ckpt.config.model, torch.float32, layers=1)
+    assert verified == "blocks 0-0 of 2" and diff > 1e-3

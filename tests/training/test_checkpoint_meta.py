@@ -16,9 +16,9 @@ from megalm.testing.runs import REPO, TINY, train_env
 from megalm.training.checkpoint_meta import FORMAT_VERSION, CheckpointMeta, TrainState
 
 
-def _meta() -> CheckpointMeta:
-    cfg = load_config(TINY, ["parallel.tensor=2"]).validate(4)
-    return CheckpointMeta.of_run(cfg, ParallelDims(tensor=2, pipeline=1, data=2), TrainState(10, 80, 1),
+def _meta(tensor: int = 2) -> CheckpointMeta:
+    cfg = load_config(TINY, [f"parallel.tensor={tensor}"]).validate(2 * tensor)
+    return CheckpointMeta.of_run(cfg, ParallelDims(tensor=tensor, pipeline=1, data=2), TrainState(10, 80, 1),
                                  {"type": "byte", "vocab_size": 257})
 
 
@@ -84,7 +84,7 @@ def test_a_checkpoint_file_whose_pickle_would_run_code_is_refused(tmp_path):
 
     ckpt = tmp_path / "run" / "checkpoints" / "global_step5"
     ckpt.mkdir(parents=True)
-    (ckpt / "megalm.json").write_text(json.dumps(_meta().to_dict()))
+    (ckpt / "megalm.json").write_text(json.dumps(_meta(tensor=1).to_dict()))
     marker = tmp_path / "code-ran"
     torch.save({"module": {"w": torch.zeros(2)}, "payload": _RunsCode(marker)}, ckpt / "mp_rank_00_model_states.pt")
     (ckpt.parent / "latest").write_text("global_step5")
