@@ -26,6 +26,7 @@ matched by name, never from the source's group list by position.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import warnings
 from collections.abc import Callable, Iterator
@@ -63,16 +64,19 @@ def convert_to_universal(checkpoint: str | Path, output: str | Path) -> Path:
                           "does not convert; resume it at the same layout and save it with zero.stage=1")
     reader = CheckpointReader(src)
     keys = reader.keys()
-    states = ((name, {key: reader.full(name, key) for key in keys}) for name in reader.specs)
+    states = ((name, {key: functools.partial(reader.full, name, key) for key in keys}) for name in reader.specs)
     return write_universal(output, src.meta, states, reader.step(), src.tokenizer().files())
 
 
 def write_universal(
-    output: str | Path, meta: CheckpointMeta, states: Iterator[tuple[str, dict[str, torch.Tensor]]], step: float,
+    output: str | Path, meta: CheckpointMeta,
+    states: Iterator[tuple[str, dict[str, torch.Tensor | Callable[[], torch.Tensor]]]], step: float,
     tokenizer_files: list[str],
 ) -> Path:
-    """Write `states` (GPT name -> {"fp32", and optionally "exp_avg", "exp_avg_sq"}) as a universal
-    checkpoint at meta's step into `output` (a new directory); written as OUTPUT.partial, renamed last."""
+    """Write `states` (GPT name -> {"fp32", and optionally "exp_avg", "exp_avg_sq"}: a tensor, or a
+    function reading it, called when its file is written, so memory holds one at a time) as a
+    universal checkpoint at meta's step into `output` (a new directory); written as
+    OUTPUT.partial, renamed last."""
     out = Path(output)
     if out.exists() and any(out.iterdir()):
         raise MegalmError(f"output directory {out} exists and is not empty; choose a new one")
@@ -83,7 +87,9 @@ def write_universal(
         for name, values in states:
             universal_state_file(ckpt, name, "fp32").parent.mkdir(parents=True)
             for key, value in values.items():
-                torch.save({UNIVERSAL_PARAM: value.contiguous()}, universal_state_file(ckpt, name, key))
+                tensor = value() if callable(value) else value
+                torch.save({UNIVERSAL_PARAM: tensor.contiguous()}, universal_state_file(ckpt, name, key))
+                del tensor
             torch.save({UNIVERSAL_PARAM: torch.tensor(step)}, universal_state_file(ckpt, name, "step"))
         write_metadata(ckpt, replace(meta, kind="universal"), tokenizer_files)
         atomic_write_text(tmp / "latest", ckpt.name)
