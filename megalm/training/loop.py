@@ -198,7 +198,7 @@ def _resume(run: Run) -> TrainState:
     if run.universal is not None:
         state = run.universal.load_optimizer(rt.engine, cfg, moments=load_optimizer)
     else:
-        _check_same_layout(CheckpointMeta.read(target[0] / target[1]), cfg, rt.dims, load_optimizer)
+        _check_same_layout(target[0] / target[1], cfg, rt.dims, load_optimizer)
         state = ckpt.load_checkpoint(rt.engine, *target, load_optimizer=load_optimizer)
     if dist.get_rank() == 0 and cfg.logging.console:
         print(f"resumed from {target[0] / target[1]}: step {state.step}, "
@@ -206,11 +206,12 @@ def _resume(run: Run) -> TrainState:
     return state
 
 
-def _check_same_layout(meta: CheckpointMeta, cfg: Config, dims: ParallelDims, load_optimizer: bool) -> None:
+def _check_same_layout(checkpoint: Path, cfg: Config, dims: ParallelDims, load_optimizer: bool) -> None:
     """DeepSpeed's own files resume on their own layout; anything else goes through a universal
     checkpoint (checkpoint.reset_optimizer=true is the fallback for a data-parallel change)."""
+    meta = CheckpointMeta.read(checkpoint)
     saved, stage = meta.dims, meta.config.zero.stage
-    convert = ("convert it: python tools/convert_checkpoint.py universal --checkpoint CHECKPOINT --output U, "
+    convert = (f"convert it: python tools/convert_checkpoint.py universal --checkpoint {checkpoint} --output U, "
                "then resume with checkpoint.load=U")
     if (saved.tensor, saved.pipeline) != (dims.tensor, dims.pipeline):
         raise MegalmError(f"the checkpoint was written at tensor {saved.tensor} x pipeline {saved.pipeline}, this "

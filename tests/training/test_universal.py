@@ -27,6 +27,7 @@ TRANSITIONS = {  # name: (world A, layout A, world B, layout B)
     "tp1pp1_to_tp2pp2": (1, ["zero.stage=1"], 4, [*TP2PP2, "zero.stage=1"]),
     "dp4_to_dp2": (4, ["zero.stage=1"], 2, ["zero.stage=1"]),
     "dp2-z0_to_tp2-z1": (2, ["zero.stage=0"], 2, ["parallel.tensor=2", "zero.stage=1"]),
+    "dp2-z1_to_one-z0": (2, ["zero.stage=1"], 1, ["zero.stage=0"]),
 }
 
 
