@@ -174,13 +174,6 @@ OPTIMIZER_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 """The per-parameter states a universal checkpoint carries: the fp32 master and Adam's two moments."""
 
 
-def zero_fp32_state(ckpt: Path, mp: int) -> dict[str, torch.Tensor] | None:
-    """fp32 master weights of model-parallel rank `mp` of checkpoint directory `ckpt` (names as the
-    rank's module), or None without ZeRO optimizer partitions (ZeRO-0)."""
-    parts = ZeroPartitions.open(ckpt, mp)
-    return None if parts is None else {name: parts.tensor(name, "fp32") for name in parts.names()}
-
-
 @dataclass(frozen=True)
 class _Slot:
     """Where one parameter lies in the flat partitions: its group (ZeRO-1/2), its offset in that

@@ -150,8 +150,9 @@ class UniversalCheckpoint:
             if getattr(saved, key) != getattr(now, key):
                 raise MegalmError(f"the universal checkpoint {self.path} is of another model: model.{key} is "
                                   f"{getattr(saved, key)} there and {getattr(now, key)} here")
-        moments = self.has(next(iter(sharding_specs(now))), "exp_avg")
-        for name in sharding_specs(now):
+        names = list(sharding_specs(now))
+        moments = self.has(names[0], "exp_avg")
+        for name in names:
             for key in ["fp32", "step", *(["exp_avg", "exp_avg_sq"] if moments else [])]:
                 if not self.has(name, key):
                     raise MegalmError(f"{universal_state_file(self.path, name, key)} is missing: the universal "
