@@ -11,6 +11,11 @@ DeepSpeed
                                          keep it in `_global_grad_norm` for get_global_grad_norm()
     skip_gradient_allreduce(engine)      `enable_backward_allreduce = False` (one data rank, ZeRO-0)
     set_progress(engine, step, samples)  `global_steps` / `global_samples`, saved in its checkpoint
+    partition_zero3_over(model, group, ..) ZeRO-3 under context parallelism: convert the parameters
+                                         over data x context (DeepSpeed's own conversion uses the
+                                         data group only, so gradients would miss the context sum)
+    sum_zero3_gradients_over_context(engine, C)  ZeRO-3's reduce-scatter averages over data x
+                                         context where every other path sums over context: x C
     load_deepspeed_file(path)            its files with weights_only=True and the allowlist of the
                                          types it pickles (deepspeed_pickled_types)
     prepare_optimizer_state(engine, step) create the Adam state DeepSpeed makes lazily, linked to
@@ -41,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from megalm.errors import MegalmError
 
@@ -73,6 +79,35 @@ def skip_gradient_allreduce(engine: Any) -> None:
     """With one data-parallel rank at ZeRO-0 DeepSpeed would still flatten, 'reduce' over one rank
     and copy back every gradient after each backward."""
     engine.enable_backward_allreduce = False
+
+
+def partition_zero3_over(model: nn.Module, group: Any, ds_config: dict, mpu: Any, dtype: torch.dtype) -> None:
+    """Convert `model`'s parameters to ZeRO-3 parameters partitioned over `group`.
+
+    deepspeed.initialize converts a model built outside zero.Init itself, over
+    mpu.get_data_parallel_group() (DeepSpeed 0.19.8, runtime/zero/parameter_offload.py), while its
+    ZeRO-3 optimizer and every other stage use the sequence-data-parallel group. Under context
+    parallelism those differ: parameters would be partitioned, and their gradients reduce-scattered,
+    over the data ranks only, never summed over the context ranks. Converting first, with the same
+    call and the data x context group, makes DeepSpeed skip its own conversion (tests/long_context:
+    CP2 at ZeRO-3 against one process)."""
+    import deepspeed  # noqa: PLC0415 - heavy
+
+    deepspeed.zero.Init(module=model, data_parallel_group=group, config_dict_or_path=ds_config, mpu=mpu, dtype=dtype)
+
+
+def sum_zero3_gradients_over_context(engine: Any, context: int) -> None:
+    """DeepSpeed sums gradients over the sequence (context) ranks and averages them over data ranks:
+    every reduction divides by (data x context) / context, except ZeRO-3's reduce-scatter
+    (`__avg_scatter_grads`, 0.19.8), which divides by data x context. Scale its partitions by C so
+    ZeRO-3 agrees with the other stages (tests/long_context: CP2 at ZeRO-3 against one process)."""
+    name = "_DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads"
+    average = getattr(engine.optimizer, name)
+
+    def sum_over_context(params: list, dtype: torch.dtype) -> list[torch.Tensor]:
+        return [g.mul(context) for g in average(params, dtype)]
+
+    setattr(engine.optimizer, name, sum_over_context)
 
 
 def set_progress(engine: Any, step: int, consumed_samples: int) -> None:

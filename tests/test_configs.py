@@ -14,6 +14,7 @@ from megalm.config import describe, load_config
 from megalm.model.flops import count_module_parameters, count_parameters
 from megalm.model.gpt import GPT, padded_vocab
 from megalm.parallel.context import TensorParallel
+from megalm.perf.plan import make_plan
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 # filled in by tools/quickstart.sh at run time
@@ -26,6 +27,7 @@ PUBLISHED = {  # parameters (vocabulary padding excluded), and whether to build 
     "llama-1b.yaml": (1_100_048_384, True),  # TinyLlama-1.1B
     "llama-7b.yaml": (6_738_415_616, False),  # Llama-2-7B
     "llama-70b.yaml": (68_976_648_192, False),  # Llama-2-70B
+    "llama-8b-32k.yaml": (8_030_261_248, False),  # Llama-3-8B
 }
 
 
@@ -37,13 +39,27 @@ def stated_world_size(path: Path) -> int:
 
 
 def test_the_issue_configs_exist():
-    assert {p.name for p in CONFIGS} >= {*COMPLETE, "tiny.yaml", "quickstart.yaml"}
+    assert {p.name for p in CONFIGS} >= {*COMPLETE, "tiny.yaml", "quickstart.yaml", "llama-8b-32k.yaml"}
+
+
+def test_long_context_recipe_is_tensor_x_context_x_data_with_document_masking():
+    path = CONFIGS[0].parent / "llama-8b-32k.yaml"
+    cfg = load_config(path).validate(stated_world_size(path))
+    p, m = cfg.parallel, cfg.model
+    assert (p.tensor, p.context, cfg.data_parallel, p.pipeline) == (2, 4, 2, 1) and p.sequence_parallel
+    assert cfg.data.seq_len == m.max_seq_len == 32768 and m.document_mask
+    assert m.num_kv_heads % (p.tensor * p.context) == 0
+    header = path.read_text(encoding="utf-8")
+    assert "TP2 (sequence parallel) x CP4 x DP2" in header and "# world_size: 16" in header
+    plan = make_plan(load_config(path), 16)  # the header's memory is the planner's
+    assert f"{plan.rank_bytes(1) / 2**30:.0f} GiB per" in header
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_validates_at_its_stated_world_size(path: Path):
     cfg = load_config(path, OVERRIDES.get(path.name, [])).validate(stated_world_size(path))
-    assert cfg.data_parallel * cfg.parallel.tensor * cfg.parallel.pipeline == stated_world_size(path)
+    p = cfg.parallel
+    assert cfg.data_parallel * p.tensor * p.context * p.pipeline == stated_world_size(path)
     assert cfg.train.steps > 0
 
 

@@ -107,7 +107,8 @@ CASES = {
     1: [["zero.stage=0", "train.precision=fp32"], ["zero.stage=1", "train.precision=fp32"],
         ["zero.stage=0", "train.precision=bf16"], ["zero.stage=1", "train.precision=bf16"]],
     2: [["zero.stage=1", "train.precision=fp32"], ["zero.stage=1", "train.precision=bf16"],
-        ["zero.stage=1", "train.precision=fp32", "parallel.tensor=2"]],
+        ["zero.stage=1", "train.precision=fp32", "parallel.tensor=2"],
+        ["zero.stage=1", "train.precision=bf16", "parallel.context=2"]],  # ZeRO partitions over context too
 }
 
 
@@ -126,18 +127,21 @@ def test_model_state_bytes_match_deepspeed(world_size: int):
                 assert got[key] == pytest.approx(planned, rel=1e-3), (overrides, key, got, planned)
 
 
-def _saved_bytes_per_token(arch: str, precision: str, checkpointing: bool) -> tuple[float, object]:
-    """Bytes autograd saves for backward in one real Block's forward, per token (parameters excluded)."""
+def _saved_bytes_per_token(arch: str, precision: str, checkpointing: bool, context: bool = False) -> tuple[float, object]:
+    """Bytes autograd saves for backward in one real Block's forward, per token of this rank
+    (parameters excluded); `context`: the block of a context-parallel rank (all ranks call it)."""
+    import torch.distributed as dist
+
     from megalm.config import load_config
     from megalm.model.gpt import Block
     from megalm.parallel.checkpointing import apply_activation_checkpointing
     from megalm.parallel.context import TensorParallel
 
-    cfg = load_config("configs/tiny.yaml", [f"model.arch={arch}",
-                                            f"model.activation_checkpointing={str(checkpointing).lower()}"])
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"model.arch={arch}",
+                                                       f"model.activation_checkpointing={str(checkpointing).lower()}"])
     m = cfg.validate(1).model
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
-    tp = TensorParallel.build(None, seed=1)
+    tp = TensorParallel.build(None, seed=1, context=dist.new_group([0, 1]) if context else None)
     block = Block(m, 0, tp).to(dtype).train()
     if checkpointing:  # as GPT and the pipeline apply it
         apply_activation_checkpointing([block], tp.rng)
@@ -169,6 +173,24 @@ def test_activation_formula_matches_saved_tensors_of_a_real_block(arch, precisio
     assert measured_ckpt == {"fp32": 4, "bf16": 2}[precision] * m.hidden_size
 
 
+def _context_rank_saved_bytes() -> float:
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    return _saved_bytes_per_token("llama", "bf16", checkpointing=False, context=True)[0]
+
+
+def test_activation_formula_holds_per_token_of_a_context_parallel_rank():
+    # Ulysses keeps the same bytes per token of the rank's chunk: q, k, v whole-sequence with heads / C
+    from megalm.perf.plan import activation_bytes_per_token
+
+    measured = run_distributed_test(_context_rank_saved_bytes, 2, env={"DS_ACCELERATOR": "cpu"})
+    one, m = _saved_bytes_per_token("llama", "bf16", checkpointing=False)
+    planned = activation_bytes_per_token(m, "bf16", 1, False)
+    for got in measured:
+        assert abs(got - planned) / got < 0.10 and abs(got - one) / one < 0.05, (got, one, planned)
+
+
 def test_fused_loss_holds_one_chunk_of_logits_not_the_micro_batch():
     m = load_config(ROOT / "configs" / "llama-7b.yaml").model
     tokens = 4 * 4096
@@ -178,3 +200,34 @@ def test_fused_loss_holds_one_chunk_of_logits_not_the_micro_batch():
     chunk = m.loss_chunk_tokens
     assert fused == (4 * 4096 + 4 * 4096) * tokens + 10 * 32000 * chunk + 4 * 32000 * 4096
     assert fused < unfused / 2
+
+
+def test_context_parallel_divides_activations_and_shards_zero_over_data_x_context():
+    from megalm.perf.plan import stage_activations
+
+    def cfg(*extra):
+        return load_config(ROOT / "configs" / "llama-7b.yaml", ["model.activation_checkpointing=false",
+                                                                "zero.stage=2", *extra])
+
+    one, four = make_plan(cfg(), 2), make_plan(cfg("parallel.context=4"), 8)
+    assert (four.data, four.context) == (2, 4)
+    blocks = [stage_activations(c.validate(w), 32, 1, False, False) for c, w in ((cfg(), 2), (cfg("parallel.context=4"), 8))]
+    assert blocks[0] == 4 * blocks[1]  # a rank holds a quarter of every sequence
+    assert one.activations / 4 < four.activations < one.activations / 4 * 1.1  # + the head's weight gradient
+    assert four.zero[2].optimizer == pytest.approx(one.zero[2].optimizer / 4, rel=1e-3)  # 8 shards, not 2
+    assert four.zero[2].params == one.zero[2].params
+
+
+def test_document_mask_bytes_are_a_real_masks():
+    from megalm.model.documents import Packing, document_block_mask
+    from megalm.perf.plan import document_mask_bytes
+
+    documents = torch.arange(2 * 1000).reshape(2, 1000) // 37  # 2 samples of 1000 tokens, documents of 37
+    mask = document_block_mask(documents)
+    tensors = [mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices, documents]
+    assert sum(t.nbytes for t in tensors) == document_mask_bytes(2, 1000)
+    dense = Packing(documents=documents).document_mask(cuda=False)
+    assert dense.nbytes == document_mask_bytes(2, 1000, device="cpu")
+    cfg = load_config(ROOT / "configs" / "llama-7b.yaml", ["model.document_mask=true"])
+    masked, plain = make_plan(cfg, 8), make_plan(load_config(ROOT / "configs" / "llama-7b.yaml"), 8)
+    assert masked.activations - plain.activations == document_mask_bytes(2, 4096)

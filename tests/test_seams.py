@@ -134,3 +134,21 @@ def test_spm_tokenizer_json_encodes_as_sentencepiece(model_type, tmp_path):
         ids = sp.encode(text)
         assert hf.encode(text, add_special_tokens=False).ids == ids, text
         assert hf.decode(ids) == sp.decode(ids), text
+
+
+def test_zero3_context_parallel_seams_are_still_needed():
+    # the two ZeRO-3 facts behind partition_zero3_over and sum_zero3_gradients_over_context; the
+    # end-to-end check is tests/long_context/test_context_parallel.py (CP2 at ZeRO-3 vs one process)
+    import inspect
+
+    from deepspeed.runtime.comm import coalesced_collectives
+    from deepspeed.runtime.zero import stage3
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+
+    convert = inspect.getsource(DeepSpeedZeRoOffload._convert_to_zero_parameters)
+    assert "mpu.get_data_parallel_group()" in convert and "sequence" not in convert
+    assert "tensor_partition_flat_buffer.div_(world_sz)" in inspect.getsource(coalesced_collectives)
+    assert hasattr(stage3.DeepSpeedZeroOptimizer_Stage3, "_DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads")
+    source = inspect.getsource(stage3)
+    scatter = source[source.index("def __avg_scatter_grads"):source.index("def set_grad_positions")]
+    assert "reduce_scatter_coalesced" in scatter and "sequence_parallel_size" not in scatter

@@ -13,8 +13,10 @@ from megalm.perf.plan import GIB, Plan, make_plan
 def format_plan(plan: Plan, name: str) -> str:
     """The human-readable table: layout, parameters, memory per rank per ZeRO stage, FLOPs, time."""
     sp = " (sequence parallel)" if plan.sequence_parallel else ""
+    cp = f" x CP{plan.context}" if plan.context > 1 else ""
+    docs = ", attention per document" if plan.document_mask else ""
     lines = [
-        f"{name} on {plan.world_size} GPUs: TP{plan.tensor}{sp} x PP{plan.pipeline} x DP{plan.data}, "
+        f"{name} on {plan.world_size} GPUs: TP{plan.tensor}{sp}{cp} x PP{plan.pipeline} x DP{plan.data}{docs}, "
         f"ZeRO-{plan.zero_stage}, {plan.precision}, activation checkpointing "
         f"{'on' if plan.activation_checkpointing else 'off'}",
         f"batch: micro {plan.micro_batch_size} x accumulation {plan.grad_accum_steps} x DP {plan.data} = "

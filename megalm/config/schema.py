@@ -57,6 +57,14 @@ class ModelConfig:
     """Dropout on attention probabilities and residual branches (pretraining usually uses 0)."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in the backward pass instead of storing its activations."""
+    document_mask: bool = False
+    """Attention stays inside each document of a packed sample: a token attends to the tokens
+    before it in its own document only (documents end at the tokenizer's EOD token, which the
+    preprocessor appends). FlexAttention with a block mask on GPU; on CPU, where FlexAttention
+    has no backward, SDPA with a boolean mask. false: causal over the whole sample."""
+    document_positions: bool = False
+    """With document_mask: positions (RoPE, gpt2's position table) restart at 0 at each document
+    (Megatron's --reset-position-ids). false: the position in the sample."""
     loss_chunk_tokens: int = 1024
     """Fused output layer + cross entropy, this many tokens at a time: the logits of a whole micro
     batch (and their fp32 softmax) never exist. 0: compute all the logits, then the loss."""
@@ -93,7 +101,12 @@ class ParallelConfig:
     tensor: int = 1
     """Tensor-parallel size (Megatron-style; ranks adjacent, the innermost axis)."""
     pipeline: int = 1
-    """Pipeline-parallel stages (DeepSpeed PipelineModule). Data parallel = world / (tensor * pipeline)."""
+    """Pipeline-parallel stages (DeepSpeed PipelineModule). Data parallel = world / (tensor x
+    context x pipeline)."""
+    context: int = 1
+    """Context-parallel size C: every sequence is split into C contiguous chunks, one per rank,
+    from the data loader on; attention all-to-alls the chunks into whole sequences of 1/C of the
+    heads (DeepSpeed Ulysses). num_heads and num_kv_heads must divide by tensor x context."""
     sequence_parallel: bool = False
     """Shard norms and dropout along the sequence across the tensor axis (needs tensor > 1 to matter)."""
     pipeline_partition: str = "parameters"

@@ -49,18 +49,28 @@ def validate_model(m: ModelConfig) -> None:
     _check(m.ffn_hidden_size > 0, "model.ffn_hidden_size must be positive")
     _check(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
     _check(m.init_std > 0, "model.init_std must be positive")
+    _check(not m.document_positions or m.document_mask,
+           "model.document_positions restarts positions at each document and needs model.document_mask=true")
+    _check(not m.document_mask or m.dropout == 0.0,
+           f"model.document_mask needs model.dropout=0 (got {m.dropout}): FlexAttention has no attention dropout")
 
 
 def _validate_parallel(cfg: Config, world_size: int) -> None:
     p, m = cfg.parallel, cfg.model
     ParallelDims.from_config(p, world_size)
-    t = p.tensor
-    _check(m.num_heads % t == 0, f"model.num_heads ({m.num_heads}) must divide by parallel.tensor ({t})")
+    t, c = p.tensor, p.context
+    heads_by = f"parallel.tensor ({t})" if c == 1 else f"parallel.tensor x parallel.context ({t} x {c} = {t * c})"
+    _check(m.num_heads % (t * c) == 0, f"model.num_heads ({m.num_heads}) must divide by {heads_by}")
     _check(
-        m.num_kv_heads % t == 0,
-        f"model.num_kv_heads ({m.num_kv_heads}) must divide by parallel.tensor ({t}): "
-        f"use a tensor size that divides the kv heads, or more kv heads",
+        m.num_kv_heads % (t * c) == 0,
+        f"model.num_kv_heads ({m.num_kv_heads}) must divide by {heads_by}: "
+        f"use sizes whose product divides the kv heads, or more kv heads",
     )
+    if c > 1:
+        _check(p.pipeline == 1, f"parallel.context={c} with parallel.pipeline={p.pipeline} is not supported: "
+                                "use tensor x context x data parallelism, or pipeline without context")
+        _check(m.dropout == 0.0, f"parallel.context={c} needs model.dropout=0 (got {m.dropout}): dropout "
+                                 "under context parallelism is not supported")
     _check(
         m.ffn_hidden_size % t == 0,
         f"model.ffn_hidden_size ({m.ffn_hidden_size}) must divide by parallel.tensor ({t})",
@@ -86,15 +96,19 @@ def _validate_parallel(cfg: Config, world_size: int) -> None:
 
 def _validate_batch(cfg: Config, world_size: int) -> None:
     t, d, m = cfg.train, cfg.data, cfg.model
-    dp = world_size // (cfg.parallel.tensor * cfg.parallel.pipeline)
+    p = cfg.parallel
+    dp = world_size // (p.tensor * p.context * p.pipeline)
     if d.seq_len is None:
         d.seq_len = m.max_seq_len
     _check(0 < d.seq_len <= m.max_seq_len, f"data.seq_len ({d.seq_len}) must be in 1..model.max_seq_len ({m.max_seq_len})")
-    if cfg.parallel.sequence_parallel:
-        _check(
-            d.seq_len % cfg.parallel.tensor == 0,
-            f"sequence parallelism needs data.seq_len ({d.seq_len}) divisible by parallel.tensor",
-        )
+    chunks = p.context * (p.tensor if p.sequence_parallel else 1)
+    if chunks > 1:
+        by = (f"parallel.context x parallel.tensor ({p.context} x {p.tensor} = {chunks}) under sequence parallelism"
+              if p.sequence_parallel and p.context > 1 else
+              f"parallel.tensor ({p.tensor}) under sequence parallelism" if p.sequence_parallel else
+              f"parallel.context ({p.context})")
+        _check(d.seq_len % chunks == 0, f"data.seq_len ({d.seq_len}) must divide by {by}: each rank holds an "
+                                        "equal chunk of every sequence")
     _check(t.micro_batch_size > 0, "train.micro_batch_size must be positive")
     per_step = t.micro_batch_size * dp
     if t.global_batch_size is None:

@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from megalm.data.packing import Collate
 from megalm.errors import MegalmError
 
 
@@ -52,22 +52,18 @@ class MegatronPretrainingSampler:
             yield list(range(lo, lo + self.micro_batch_size))
 
 
-def collate(samples: list[np.ndarray]) -> tuple[Any, Any]:
-    """(tokens, labels) int64 tensors of shape (batch, seq_len): inputs [:, :-1], targets [:, 1:],
-    two views of one (batch, seq_len + 1) tensor, so a worker hands over one shared buffer."""
-    batch = torch.from_numpy(np.stack(samples).astype(np.int64, copy=False))
-    return batch[:, :-1], batch[:, 1:]
-
-
-def build_dataloader(dataset: Any, sampler: MegatronPretrainingSampler, num_workers: int) -> Any:
-    """A torch DataLoader over `dataset` driven by `sampler`, yielding (tokens, labels).
+def build_dataloader(
+    dataset: Any, sampler: MegatronPretrainingSampler, num_workers: int, collate: Collate | None = None,
+) -> Any:
+    """A torch DataLoader over `dataset` driven by `sampler`, yielding `collate`'s (inputs, labels)
+    (default: (tokens, labels), int64 (batch, seq_len): two views of one buffer).
 
     It gets a generator of its own: a DataLoader without one draws its workers' base seed from the
     global torch RNG each time it starts iterating, which would shift the dropout masks of a resumed
     run (whose loader starts at the resume step) against an uninterrupted one. Samples need no
     randomness here: the sampler's order is fixed by the sample index."""
     return DataLoader(
-        dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
+        dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate or Collate(),
         pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(0),
     )

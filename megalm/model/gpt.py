@@ -23,9 +23,11 @@ from torch import nn
 
 from megalm.config import ModelConfig
 from megalm.errors import MegalmError
+from megalm.model.documents import Packing
 from megalm.model.layers import MLP, Attention, KVCache, build_norm
 from megalm.parallel.checkpointing import RecomputeInBackward, apply_activation_checkpointing
 from megalm.parallel.context import TensorParallel
+from megalm.parallel.context_parallel import chunk_positions
 from megalm.parallel.layers import (
     ColumnParallelLinear,
     VocabParallelEmbedding,
@@ -78,12 +80,17 @@ class Embedding(nn.Module):
         """The (vocab-sharded) token embedding, the tied weight of a TiedLayerSpec."""
         return self.word.weight
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, start_pos: int = 0) -> torch.Tensor:
+        """`positions` ([batch,] seq) index gpt2's position table; None: the chunk's place in the
+        sequence after start_pos."""
         h = self.word(tokens)  # (batch, seq, hidden), all-reduced over the tensor ranks
         if self.position is not None:
-            if start_pos + tokens.size(1) > self.cfg.max_seq_len:
-                raise MegalmError(f"sequence of {start_pos + tokens.size(1)} exceeds model.max_seq_len ({self.cfg.max_seq_len})")
-            h = h + self.position(torch.arange(start_pos, start_pos + tokens.size(1), device=tokens.device))
+            if positions is None:
+                end = start_pos + (self.tp.context_rank + 1) * tokens.size(1)
+                if end > self.cfg.max_seq_len:
+                    raise MegalmError(f"sequence of {end} exceeds model.max_seq_len ({self.cfg.max_seq_len})")
+                positions = chunk_positions(tokens.size(1), self.tp.context, tokens.device, start_pos)
+            h = h + self.position(positions)
         if self.tp.sequence_parallel:
             h = scatter_to_sequence_region(h, self.tp.group)  # (batch, seq / p, hidden)
         return _dropout(h, self.cfg.dropout, self.training, self.tp.sequence_rng)
@@ -110,14 +117,14 @@ class Block(nn.Module):
         self.norm2 = build_norm(cfg, tp)
         self.mlp = MLP(cfg, tp, generator)
 
-    def forward(self, x: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, packing: Packing | None = None, cache: KVCache | None = None) -> torch.Tensor:
         if self.recompute is not None and self.training and torch.is_grad_enabled() and cache is None:
-            return self.recompute(self._forward, x)
-        return self._forward(x, start_pos, cache)
+            return self.recompute(self._forward, x, packing)
+        return self._forward(x, packing, cache)
 
-    def _forward(self, x: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, packing: Packing | None = None, cache: KVCache | None = None) -> torch.Tensor:
         p, train, rng = self.cfg.dropout, self.training, self.tp.sequence_rng
-        h = x + _dropout(self.attn(self.norm1(x), start_pos, cache), p, train, rng)
+        h = x + _dropout(self.attn(self.norm1(x), packing, cache), p, train, rng)
         return h + _dropout(self.mlp(self.norm2(h)), p, train, rng)
 
 
@@ -159,7 +166,9 @@ class GPT(nn.Module):
 
     forward(tokens (batch, seq) int64, labels=None) -> mean loss when labels are given (the output
     layer fused with the cross entropy unless cfg.loss_chunk_tokens is 0), else vocab-sharded
-    logits (batch, seq, V_pad / p). `logits_full` gathers the vocabulary and strips the padding
+    logits (batch, seq, V_pad / p). Packed samples pass `positions` and `documents`
+    (megalm.data.packing); under context parallelism tokens and labels are this rank's chunk and
+    the loss is the whole sequence's. `logits_full` gathers the vocabulary and strips the padding
     for generation. The dropout tracker is tp.rng; the default generator is the trainer's to seed.
     With cfg.activation_checkpointing every block is recomputed in the backward pass.
     """
@@ -178,13 +187,15 @@ class GPT(nn.Module):
 
     def forward(
         self, tokens: torch.Tensor, labels: torch.Tensor | None = None, *,
+        positions: torch.Tensor | None = None, documents: torch.Tensor | None = None,
         start_pos: int = 0, cache: list[KVCache] | None = None,
     ) -> torch.Tensor:
-        if cache is not None and self.tp.sequence_parallel:
-            raise MegalmError("the KV cache (generation) does not work with sequence parallelism")
-        h = self.embedding(tokens, start_pos)
+        if cache is not None and (self.tp.sequence_parallel or self.tp.context is not None):
+            raise MegalmError("the KV cache (generation) does not work with sequence or context parallelism")
+        packing = Packing(positions, documents, start_pos)
+        h = self.embedding(tokens, positions, start_pos)
         for i, block in enumerate(self.blocks):
-            h = block(h, start_pos, None if cache is None else cache[i])
+            h = block(h, packing, None if cache is None else cache[i])
         h = self.final_norm(h)
         if labels is not None and self.cfg.loss_chunk_tokens > 0:
             weight = self.embedding.weight if self.head is None else self.head.weight

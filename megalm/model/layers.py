@@ -17,7 +17,9 @@ from torch import nn
 
 from megalm.config import ModelConfig
 from megalm.errors import MegalmError
+from megalm.model.documents import Packing, document_attention
 from megalm.parallel.context import TensorParallel
+from megalm.parallel.context_parallel import UlyssesAttention, chunk_positions
 from megalm.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -64,22 +66,23 @@ def build_norm(cfg: ModelConfig, tp: TensorParallel) -> nn.Module:
     return norm
 
 
-def rope_cos_sin(
-    start_pos: int, seq_len: int, head_dim: int, theta: float, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (seq, head_dim) in fp32 for positions start_pos.. (HF's rotate-half layout:
-    frequency k at columns k and k + head_dim/2, inv_freq_k = theta^(-2k/head_dim))."""
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (..., seq, head_dim) in fp32 of integer `positions` (seq,) or (batch, seq)
+    (HF's rotate-half layout: frequency k at columns k and k + head_dim/2, inv_freq_k =
+    theta^(-2k/head_dim))."""
+    device = positions.device
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
-    positions = torch.arange(start_pos, start_pos + seq_len, device=device, dtype=torch.float32)
-    freqs = torch.outer(positions, inv_freq)  # (seq, head_dim / 2)
+    freqs = positions.float()[..., None] * inv_freq  # (..., seq, head_dim / 2)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin; x (batch, seq, heads, head_dim), cos/sin (seq, head_dim)."""
-    cos = cos.to(x.dtype)[None, :, None, :]
-    sin = sin.to(x.dtype)[None, :, None, :]
+    """x * cos + rotate_half(x) * sin; x (batch, seq, heads, head_dim), cos/sin ([batch,] seq, head_dim)."""
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    cos = cos.to(x.dtype)[:, :, None, :]
+    sin = sin.to(x.dtype)[:, :, None, :]
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -120,12 +123,16 @@ class Attention(nn.Module):
 
     The fused QKV weight is laid out by kv group g = 0..G-1: [q heads of g (H/G of them), k_g, v_g],
     each head_dim rows, so a contiguous split over p ranks (p | G) gives each rank whole groups.
-    Query head h uses kv head h // (H/G), as HF's repeat_kv.
+    Query head h uses kv head h // (H/G), as HF's repeat_kv. With document ids (Packing.documents)
+    attention stays inside each document (megalm.model.documents); under context parallelism the
+    rank's chunk is exchanged for whole sequences of a slice of the heads (Ulysses), and the
+    contiguous head slices keep whole kv groups.
     """
 
     def __init__(self, cfg: ModelConfig, tp: TensorParallel, generator: torch.Generator) -> None:
         super().__init__()
-        self.cfg, self.rng = cfg, tp.rng
+        self.cfg, self.rng, self.context = cfg, tp.rng, tp.context
+        self.ulysses = UlyssesAttention(self._attend, tp.context) if tp.context is not None else None
         self.head_dim = cfg.hidden_size // cfg.num_heads
         self.heads, self.kv_heads = _local_heads(cfg, tp.size)
         bias = cfg.arch == "gpt2"
@@ -140,7 +147,8 @@ class Attention(nn.Module):
             init_method=normal_init(cfg.init_std / math.sqrt(2 * cfg.num_layers), generator),
         )
 
-    def forward(self, x: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, packing: Packing | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        packing = packing or Packing()
         qkv = self.qkv(x)  # (batch, seq, kv_local * (per_group + 2) * head_dim)
         b, s, _ = qkv.shape
         per_group = self.heads // self.kv_heads
@@ -148,26 +156,37 @@ class Attention(nn.Module):
         q = qkv[:, :, :, :per_group].reshape(b, s, self.heads, self.head_dim)  # (batch, seq, heads, head_dim)
         k, v = qkv[:, :, :, per_group], qkv[:, :, :, per_group + 1]  # (batch, seq, kv_heads, head_dim)
         if self.cfg.arch == "llama":
-            cos, sin = rope_cos_sin(start_pos, s, self.head_dim, self.cfg.rope_theta, x.device)
+            positions = packing.positions
+            if positions is None:
+                positions = chunk_positions(s, self.context, x.device, packing.start_pos)
+            cos, sin = rope_cos_sin(positions, self.head_dim, self.cfg.rope_theta)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(k, v, start_pos)
-        out = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), start_pos)
-        return self.proj(out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
+            k, v = cache.update(k, v, packing.start_pos)
+        if self.ulysses is not None:  # (batch, seq / C, heads, d) -> whole sequences of heads / C and back
+            out = self.ulysses(q, k, v, packing=packing)
+        else:
+            out = self._attend(q, k, v, packing=packing)
+        return self.proj(out.reshape(b, s, self.heads * self.head_dim))
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """softmax(q k^T / sqrt(head_dim) + causal mask) v; q (batch, heads, seq, head_dim)."""
-        s, total = q.size(2), k.size(2)
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, packing: Packing) -> torch.Tensor:
+        """(batch, seq, heads, head_dim) -> the same: softmax(q k^T / sqrt(head_dim) + mask) v, the
+        mask causal, within each document when the packing has documents."""
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (batch, heads, seq, head_dim)
+        if packing.documents is not None:
+            return document_attention(q, k, v, packing).transpose(1, 2)
+        s, total, start_pos = q.size(2), k.size(2), packing.start_pos
         mask, causal = None, start_pos == 0
         if start_pos > 0 and s > 1:  # new queries at start_pos.. see keys up to their own position
             rows = torch.arange(start_pos, start_pos + s, device=q.device)[:, None]
             mask = torch.arange(total, device=q.device)[None, :] <= rows  # (seq, total)
         p = self.cfg.dropout if self.training else 0.0
         with maybe_fork(self.rng if p > 0 else None):  # heads differ per tensor rank: the tracker
-            return F.scaled_dot_product_attention(
+            out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal and s > 1,
-                enable_gqa=self.heads != self.kv_heads,
+                enable_gqa=q.size(1) != k.size(1),
             )
+        return out.transpose(1, 2)
 
 
 class MLP(nn.Module):

@@ -15,6 +15,7 @@ Applied after the model is built, as torchtitan applies its wrappers: the block 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,28 +25,28 @@ from megalm.parallel.random import TensorParallelRNG
 
 
 class RecomputeInBackward:
-    """recompute(forward, x): forward(x) under torch's non-reentrant checkpoint, with the
-    tensor-parallel tracker replayed for the recomputation."""
+    """recompute(forward, x, *args): forward(x, *args) under torch's non-reentrant checkpoint,
+    with the tensor-parallel tracker replayed for the recomputation."""
 
     def __init__(self, rng: TensorParallelRNG) -> None:
         self.rng = rng
 
-    def __call__(self, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, forward: Callable[..., torch.Tensor], x: torch.Tensor, *args: Any) -> torch.Tensor:
         before = self.rng.get_states()
         calls = [0]
 
-        def run(x: torch.Tensor) -> torch.Tensor:
+        def run(x: torch.Tensor, *args: Any) -> torch.Tensor:
             calls[0] += 1
             if calls[0] == 1:
-                return forward(x)
+                return forward(x, *args)
             after = self.rng.get_states()
             self.rng.set_states(before)
             try:
-                return forward(x)
+                return forward(x, *args)
             finally:
                 self.rng.set_states(after)
 
-        return checkpoint(run, x, use_reentrant=False)
+        return checkpoint(run, x, *args, use_reentrant=False)
 
 
 def apply_activation_checkpointing(blocks: Iterable[nn.Module], rng: TensorParallelRNG) -> None:

@@ -1,9 +1,11 @@
-"""TensorParallel: the one object every model constructor takes for the tensor axis.
+"""TensorParallel: the one object every model constructor takes for how the model is split.
 
-It replaces four arguments that used to travel together through every constructor (the tensor
-group, the sequence-parallel flag, the seed and the dropout RNG tracker) and normalises them once:
-a group of one rank is no tensor parallelism (`group` None) and sequence parallelism only exists
-with more than one tensor rank.
+It replaces the arguments that used to travel together through every constructor (the tensor
+group, the sequence-parallel flag, the seed, the dropout RNG tracker and the context group) and
+normalises them once: a group of one rank is no parallelism on that axis (None), and sequence
+parallelism only exists with more than one tensor rank. The context group is here too because it
+changes the same modules: attention all-to-alls over it (megalm.parallel.context_parallel), the
+loss counts tokens over it and positions are offset by the chunk's place in the sequence.
 
     tp = TensorParallel.from_groups(groups, sequence_parallel=True, seed=1234)  # in training
     tp = TensorParallel.build(None, seed=1234)                                  # one process
@@ -30,26 +32,34 @@ class TensorParallel:
     seed:              the run seed; each module seeds its initialisation from (seed, its name)
     rng:               dropout inside tensor-parallel regions (seed + 2718 + tensor rank), shared
                        by every module of the model, so activation recomputation can replay it
+    context:           the context-parallel group (each rank holds 1/size of every sequence);
+                       None without context parallelism
     """
 
     group: dist.ProcessGroup | None
     sequence_parallel: bool
     seed: int
     rng: TensorParallelRNG
+    context: dist.ProcessGroup | None = None
 
     @classmethod
     def build(
-        cls, group: dist.ProcessGroup | None = None, *, sequence_parallel: bool = False, seed: int = 1234
+        cls, group: dist.ProcessGroup | None = None, *, sequence_parallel: bool = False, seed: int = 1234,
+        context: dist.ProcessGroup | None = None,
     ) -> TensorParallel:
-        """The context of `group` (None, or a group of one rank: no tensor parallelism)."""
+        """The context of `group` (None, or a group of one rank: no tensor parallelism) and of the
+        context group `context` (likewise)."""
         if group_size(group) == 1:
             group = None
-        return cls(group, sequence_parallel and group is not None, seed, TensorParallelRNG(seed, group_rank(group)))
+        if group_size(context) == 1:
+            context = None
+        rng = TensorParallelRNG(seed, group_rank(group))
+        return cls(group, sequence_parallel and group is not None, seed, rng, context)
 
     @classmethod
     def from_groups(cls, groups: ProcessGroups, *, sequence_parallel: bool, seed: int) -> TensorParallel:
-        """The context of this rank's tensor group in the run's mesh."""
-        return cls.build(groups.tensor, sequence_parallel=sequence_parallel, seed=seed)
+        """The context of this rank's tensor and context groups in the run's mesh."""
+        return cls.build(groups.tensor, sequence_parallel=sequence_parallel, seed=seed, context=groups.context)
 
     @property
     def size(self) -> int:
@@ -58,6 +68,14 @@ class TensorParallel:
     @property
     def rank(self) -> int:
         return group_rank(self.group)
+
+    @property
+    def context_size(self) -> int:
+        return group_size(self.context)
+
+    @property
+    def context_rank(self) -> int:
+        return group_rank(self.context)
 
     @property
     def sequence_rng(self) -> TensorParallelRNG | None:

@@ -86,22 +86,31 @@ def vocab_parallel_cross_entropy_per_token(
     return _VocabParallelCrossEntropy.apply(logits_shard, labels, group, vocab_size, ignore_index)
 
 
+def token_count(labels: torch.Tensor, ignore_index: int, count_group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Tokens with a label here and on the other ranks of `count_group` (the other chunks of the
+    same sequences under context parallelism), at least 1."""
+    count = (labels != ignore_index).sum()
+    _all_reduce(count, count_group, dist.ReduceOp.SUM)
+    return count.clamp(min=1)
+
+
 def vocab_parallel_cross_entropy(
     logits_shard: torch.Tensor,
     labels: torch.Tensor,
     group: dist.ProcessGroup | None,
     vocab_size: int | None = None,
     ignore_index: int = IGNORE_INDEX,
+    count_group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """Mean cross entropy over the tokens whose label is not ignore_index (fp32 scalar).
 
     logits_shard: (batch, seq, V_pad / p), this rank's vocabulary slice; labels: (batch, seq)
     global token ids. `vocab_size` (the tokenizer's V) masks the padding columns; None: no
-    padding. Equal on every rank of `group`.
+    padding. Equal on every rank of `group`. With `count_group` the sum is divided by the token
+    count of all its ranks: this rank's part of their mean.
     """
     loss = vocab_parallel_cross_entropy_per_token(logits_shard, labels, group, vocab_size, ignore_index)
-    count = (labels != ignore_index).sum().clamp(min=1)
-    return loss.sum() / count
+    return loss.sum() / token_count(labels, ignore_index, count_group)
 
 
 def _chunk_loss(
@@ -137,13 +146,13 @@ def _chunk_loss(
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, labels, group, vocab_size, ignore_index, chunk, need_grad):  # noqa: D102
+    def forward(ctx, h, weight, labels, group, vocab_size, ignore_index, chunk, need_grad, count_group):  # noqa: D102
         # h (tokens, d); weight (V_pad / p, d); labels (tokens,) int64. Returns the mean loss.
         per_rank = weight.size(0)
         start = group_rank(group) * per_rank
         pad_from = None if vocab_size is None or start + per_rank <= vocab_size else max(vocab_size - start, 0)
         valid = labels != ignore_index
-        count = valid.sum().clamp(min=1)
+        count = token_count(labels, ignore_index, count_group)
         scale = valid.to(torch.float32) / count if need_grad else None  # d mean / d token loss
         grad_h = torch.empty_like(h) if need_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
@@ -172,7 +181,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):  # noqa: D102
         grad_h, grad_w = ctx.saved_tensors
         grad_w = torch.mul(grad_w, grad_loss, out=torch.empty_like(grad_w, dtype=ctx.weight_dtype))
-        return grad_h * grad_loss.to(grad_h.dtype), grad_w, None, None, None, None, None, None
+        return grad_h * grad_loss.to(grad_h.dtype), grad_w, None, None, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -183,15 +192,18 @@ def linear_cross_entropy(
     vocab_size: int | None = None,
     ignore_index: int = IGNORE_INDEX,
     chunk: int = 1024,
+    count_group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """Mean cross entropy of the logits h W^T, computed `chunk` tokens at a time (fp32 scalar).
 
     h: (batch, seq, d) hidden states already in the tensor region (copied in, or gathered from
     sequence shards: the caller's mapping reduces the partial gradient); weight: (V_pad / p, d),
     this rank's vocabulary rows; labels: (batch, seq). Equals
-    vocab_parallel_cross_entropy(h @ weight.T, labels, ...) without ever holding those logits.
+    vocab_parallel_cross_entropy(h @ weight.T, labels, ...) without ever holding those logits
+    (`count_group` as there).
     """
     need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(
-        h.reshape(-1, h.size(-1)), weight, labels.reshape(-1), group, vocab_size, ignore_index, chunk, need_grad
+        h.reshape(-1, h.size(-1)), weight, labels.reshape(-1), group, vocab_size, ignore_index, chunk, need_grad,
+        count_group,
     )

@@ -1,4 +1,4 @@
-"""Process groups for the pipeline x data x tensor mesh, built once and passed explicitly.
+"""Process groups for the pipeline x data x context x tensor mesh, built once and passed explicitly.
 
 There is no module-level group state: `ProcessGroups` is created by `build_process_groups` and
 handed to every layer that communicates. `DeepSpeedMPU` adapts it to the `mpu` interface that
@@ -32,18 +32,31 @@ class ProcessGroups:
     pipeline: dist.ProcessGroup
     model: dist.ProcessGroup
     """tensor x pipeline: the ranks that hold one model replica (Megatron's model-parallel group)."""
+    context: dist.ProcessGroup
+    """The ranks that hold the chunks of the same sequences."""
+    data_context: dist.ProcessGroup
+    """data x context: the ranks with the same parameters (gradient reduction, ZeRO partitions)."""
 
     @property
     def tensor_rank(self) -> int:
-        return self.dims.coords(self.rank)[2]
+        return self.dims.coords(self.rank).tensor
+
+    @property
+    def context_rank(self) -> int:
+        return self.dims.coords(self.rank).context
 
     @property
     def data_rank(self) -> int:
-        return self.dims.coords(self.rank)[1]
+        return self.dims.coords(self.rank).data
+
+    @property
+    def data_context_rank(self) -> int:
+        """Rank inside the data x context group (context-major within a data replica)."""
+        return self.data_rank * self.dims.context + self.context_rank
 
     @property
     def pipeline_rank(self) -> int:
-        return self.dims.coords(self.rank)[0]
+        return self.dims.coords(self.rank).pipeline
 
     @property
     def model_rank(self) -> int:
@@ -112,7 +125,8 @@ def build_process_groups(dims: ParallelDims) -> ProcessGroups:
     world = dist.get_world_size()
     if dims.world_size != world:
         raise ValueError(
-            f"parallel dims tensor x pipeline x data = {dims.tensor} x {dims.pipeline} x {dims.data}"
+            f"parallel dims tensor x context x pipeline x data = {dims.tensor} x {dims.context} x {dims.pipeline}"
+            f" x {dims.data}"
             f" = {dims.world_size} do not match the world size {world}"
         )
     rank = dist.get_rank()
@@ -133,6 +147,8 @@ def build_process_groups(dims: ParallelDims) -> ProcessGroups:
         data=mine(dims.data_groups()),
         pipeline=mine(dims.pipeline_groups()),
         model=mine(dims.model_groups()),
+        context=mine(dims.context_groups()),
+        data_context=mine(dims.data_context_groups()),
     )
 
 
@@ -141,7 +157,10 @@ class DeepSpeedMPU:
 
     DeepSpeed calls the model-parallel functions to reduce the gradient norm over the ranks that
     hold different shards, to name checkpoint files (mp_rank_XX) and to skip double counting of
-    replicated parameters; the data-parallel ones to partition ZeRO state.
+    replicated parameters; the data-parallel ones for the batch size. Context parallelism is what
+    DeepSpeed calls sequence parallelism (Ulysses): it sums gradients over the sequence group,
+    averages them over the data group, and partitions ZeRO state and names the optimizer files
+    over the "sequence data parallel" group (data x context), so nothing is reduced twice.
     """
 
     def __init__(self, groups: ProcessGroups) -> None:
@@ -176,6 +195,25 @@ class DeepSpeedMPU:
 
     def get_data_parallel_group(self) -> dist.ProcessGroup:
         return self.groups.data
+
+    # context parallel (DeepSpeed's sequence parallel) and data x context
+    def get_sequence_parallel_rank(self) -> int:
+        return self.groups.context_rank
+
+    def get_sequence_parallel_world_size(self) -> int:
+        return self.groups.dims.context
+
+    def get_sequence_parallel_group(self) -> dist.ProcessGroup:
+        return self.groups.context
+
+    def get_sequence_data_parallel_rank(self) -> int:
+        return self.groups.data_context_rank
+
+    def get_sequence_data_parallel_world_size(self) -> int:
+        return self.groups.dims.zero_shards
+
+    def get_sequence_data_parallel_group(self) -> dist.ProcessGroup:
+        return self.groups.data_context
 
     # pipeline parallel
     def get_pipeline_model_parallel_rank(self) -> int:

@@ -8,6 +8,11 @@ Two ways to the same mean token loss (megalm.parallel.cross_entropy has the math
 
 A pipeline's last stage uses HeadLoss as DeepSpeed's loss_fn: its last layer passes the final
 hidden states through and the loss applies that layer's weight.
+
+Under context parallelism each rank holds a chunk of every sequence: its loss is its tokens' sum
+over the whole sequences' token count, and the chunks' parts are added in the forward pass only
+(megalm.parallel.context_parallel.sum_partial_losses), so every rank reports the mean over all
+tokens, each counted once, and back-propagates its own part.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from torch import nn
 
 from megalm.config import ModelConfig
 from megalm.parallel.context import TensorParallel
+from megalm.parallel.context_parallel import sum_partial_losses
 from megalm.parallel.cross_entropy import IGNORE_INDEX, linear_cross_entropy, vocab_parallel_cross_entropy
 from megalm.parallel.layers import column_parallel_input
 
@@ -27,7 +33,9 @@ def head_loss(
     """Mean loss of the output layer `weight` (V_pad / p, d) on the final hidden states h
     (batch, seq[/p], d), fused with the cross entropy cfg.loss_chunk_tokens tokens at a time."""
     x = column_parallel_input(h, tp.group, tp.sequence_parallel)
-    return linear_cross_entropy(x, weight, labels, tp.group, cfg.vocab_size, IGNORE_INDEX, cfg.loss_chunk_tokens)
+    loss = linear_cross_entropy(x, weight, labels, tp.group, cfg.vocab_size, IGNORE_INDEX, cfg.loss_chunk_tokens,
+                                count_group=tp.context)
+    return sum_partial_losses(loss, tp.context)
 
 
 class HeadLoss:
@@ -45,7 +53,8 @@ class GPTLoss:
     """loss_fn(logits_shard, labels) -> mean token loss, for GPT and DeepSpeed's PipelineModule."""
 
     def __init__(self, cfg: ModelConfig, tp: TensorParallel) -> None:
-        self.vocab_size, self.group = cfg.vocab_size, tp.group
+        self.vocab_size, self.group, self.context = cfg.vocab_size, tp.group, tp.context
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return vocab_parallel_cross_entropy(logits, labels, self.group, self.vocab_size, IGNORE_INDEX)
+        loss = vocab_parallel_cross_entropy(logits, labels, self.group, self.vocab_size, IGNORE_INDEX, self.context)
+        return sum_partial_losses(loss, self.context)

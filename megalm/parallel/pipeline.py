@@ -10,6 +10,11 @@ gradient is None).
 
 With model.loss_chunk_tokens > 0 the last layer passes the final hidden states through and the
 loss function (HeadLoss) applies that layer's weight fused with the cross entropy.
+
+Packed samples (model.document_mask) enter as (tokens, positions, documents): the stages pass
+(hidden, positions, documents) along, DeepSpeed sending the integer tensors with the activations
+and no gradient for them, and the final norm drops them. The stage classes below are the model's
+own (same parameters, same names) with that unpacking.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 from torch import nn
 
 from megalm.config import Config
+from megalm.model.documents import Packing
 from megalm.model.gpt import PIPELINE_LAYERS, Block, Embedding, FinalNorm, Head
 from megalm.parallel.checkpointing import apply_activation_checkpointing
 from megalm.parallel.context import TensorParallel
@@ -39,6 +45,33 @@ class TiedEmbeddingHead(Embedding):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.logits(h)
+
+
+class PipeEmbedding(Embedding):
+    """Embedding taking tokens, or (tokens, positions, documents) -> (hidden, positions, documents)."""
+
+    def forward(self, inputs: torch.Tensor | tuple[torch.Tensor, ...]):  # noqa: ANN201
+        if isinstance(inputs, tuple):
+            tokens, positions, documents = inputs
+            return super().forward(tokens, positions), positions, documents
+        return super().forward(inputs)
+
+
+class PipeBlock(Block):
+    """Block taking hidden, or (hidden, positions, documents), and returning the same kind."""
+
+    def forward(self, inputs: torch.Tensor | tuple[torch.Tensor, ...]):  # noqa: ANN201
+        if isinstance(inputs, tuple):
+            h, positions, documents = inputs
+            return super().forward(h, Packing(positions, documents)), positions, documents
+        return super().forward(inputs)
+
+
+class PipeFinalNorm(FinalNorm):
+    """FinalNorm taking hidden, or (hidden, positions, documents) -> hidden."""
+
+    def forward(self, inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return super().forward(inputs[0] if isinstance(inputs, tuple) else inputs)
 
 
 def _tied_logits(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -88,13 +121,14 @@ def build_pipeline_module(cfg: Config, tp: TensorParallel, dims: ParallelDims) -
     m = cfg.model
     fused = m.loss_chunk_tokens > 0
     if m.tie_embeddings:
-        first = TiedLayerSpec("embed", Embedding, m, tp, tied_weight_attr="weight")
+        first = TiedLayerSpec("embed", PipeEmbedding, m, tp, tied_weight_attr="weight")
         last = TiedLayerSpec("embed", TiedEmbeddingHead, m, tp, forward_fn=_tied_hidden if fused else _tied_logits,
                              tied_weight_attr="weight")
     else:
-        first = LayerSpec(Embedding, m, tp)
+        first = LayerSpec(PipeEmbedding, m, tp)
         last = LayerSpec(Head, m, tp, pass_hidden=fused)
-    specs = [first, *(LayerSpec(Block, m, i, tp) for i in range(m.num_layers)), LayerSpec(FinalNorm, m, tp), last]
+    blocks = (LayerSpec(PipeBlock, m, i, tp) for i in range(m.num_layers))
+    specs = [first, *blocks, LayerSpec(PipeFinalNorm, m, tp), last]
     topology = PipeModelDataParallelTopology(num_pp=dims.pipeline, num_mp=dims.tensor, num_dp=dims.data)
     module = PipelineModule(
         layers=specs,

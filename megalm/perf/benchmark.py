@@ -9,25 +9,34 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from megalm import seams
 from megalm.config import Config
+from megalm.data.packing import Collate
+from megalm.parallel.groups import ProcessGroups
 from megalm.training.engine import device_type
 from megalm.training.loop import train_step
-from megalm.training.metrics import Throughput, device_peak_tflops, memory_gib
+from megalm.training.metrics import Throughput, device_peak_tflops, memory_gib, resident_gib
 from megalm.training.startup import Runtime, bootstrap
 
 
-def synthetic_batches(cfg: Config, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless random (tokens, labels) micro-batches: measures the model, not the data pipeline."""
+def synthetic_batches(cfg: Config, groups: ProcessGroups) -> Iterator[tuple[Any, torch.Tensor]]:
+    """Endless random micro-batches, made as the trainer's loader makes them (this rank's context
+    chunk; with model.document_mask, documents ended by the token id V - 1, one in 256 tokens):
+    measures the model, not the data pipeline."""
     g = torch.Generator().manual_seed(cfg.train.seed)
     shape = (cfg.train.micro_batch_size, cfg.data.seq_len + 1)
+    eod = cfg.model.vocab_size - 1
+    collate = Collate(eod=eod if cfg.model.document_mask else None, document_positions=cfg.model.document_positions,
+                      context_rank=groups.context_rank, context_size=groups.dims.context)
     while True:
-        x = torch.randint(0, cfg.model.vocab_size, shape, generator=g)
-        yield x[:, :-1].to(device), x[:, 1:].to(device)
+        x = torch.randint(0, cfg.model.vocab_size - 1, shape, generator=g)
+        x[torch.rand(shape, generator=g) < 1 / 256] = eod
+        yield collate(list(x.numpy()))
 
 
 def measured_peak_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int = 2048) -> float:
@@ -85,9 +94,10 @@ def benchmark(cfg: Config, *, steps: int, warmup: int, compare_hf: str | None, p
     cfg.train.steps = max(cfg.train.steps, (warmup + steps) * (2 if compare_hf else 1))
     # real shards go through the trainer's own pipeline: sample index, DataLoader workers
     rt = bootstrap(cfg, data=bool(cfg.data.train_prefixes))
-    batches = rt.data.train_batches(consumed_samples=0) if rt.data else synthetic_batches(cfg, rt.device)
+    batches = rt.data.train_batches(consumed_samples=0) if rt.data else synthetic_batches(cfg, rt.groups)
     hf = hf_step_fn(cfg, compare_hf == "compiled", hf_precision) if compare_hf else None
     times, hf_times, waits, losses, hf_losses = [], [], [], [], []
+    before_steps = resident_gib()  # the model, its optimizer states and the libraries, before any step
     for i in range(warmup + steps):
         t0 = time.perf_counter()
         loss, wait = train_step(rt, batches)
@@ -104,6 +114,8 @@ def benchmark(cfg: Config, *, steps: int, warmup: int, compare_hf: str | None, p
                 hf_times.append(hf_seconds)
                 hf_losses.append(hf_loss)
     result = _report(rt, times, waits, hf_times, losses, compare_hf, peak_tflops)
+    result["before_steps_gib"] = before_steps
+    result["steps_mem_gib"] = result["peak_mem_gib"] - before_steps  # what the steps add: activations, gradients
     if hf is not None:
         result["hf"].update(precision=hf_precision if cfg.train.precision == "bf16" else cfg.train.precision,
                             final_loss=hf_losses[-1])

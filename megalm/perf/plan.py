@@ -18,6 +18,13 @@ ZeRO 1-3 keep a separate fp32 master partition even in fp32 training, hence 12. 
 the transient fp32 gradient partition inside optimizer.step(), ZeRO-2/3 communication buckets
 (zero.reduce_bucket_size elements) and ZeRO-3's gathered layers.
 
+Under context parallelism (C = parallel.context) a rank holds s / C tokens of every sequence:
+every activation below is per token of that chunk (Ulysses' all-to-all trades the sequence split
+for a head split, the same bytes), and ZeRO partitions over N x C ranks (DeepSpeed's sequence
+data parallel group). Document masking adds its mask once per micro batch, shared by the blocks:
+on GPU FlexAttention's BlockMask, (s/128)^2 int32 tile indices twice (partial and full tiles)
+plus the document ids (`document_mask_bytes`); on CPU (SDPA) a boolean s x s mask per sample.
+
 Activations are counted for megalm's layers as written (SDPA, i.e. flash attention on GPU, so
 Megatron's 5 a s^2 b softmax term of "Reducing Activation Recomputation in Large Transformer
 Models", Korthikanti et al. 2022, does not exist): see `activation_bytes_per_token`. For GPT-2
@@ -178,13 +185,24 @@ class Stage:
     activations_ckpt: int
 
 
+def document_mask_bytes(micro_batch: int, seq_len: int, device: str = "gpu", block: int = 128) -> int:
+    """The document mask of one micro batch (model.document_mask): FlexAttention's BlockMask on GPU
+    (per sample, partial and full tiles: a count per query tile and a tile index per tile pair, int32;
+    the 8-byte document id per token), SDPA's boolean (seq x seq) mask per sample on CPU."""
+    if device == "cpu":
+        return micro_batch * seq_len * seq_len
+    tiles = -(-seq_len // block)
+    return micro_batch * (2 * 4 * (tiles + tiles * tiles) + 8 * seq_len)
+
+
 def stage_activations(cfg: Config, blocks: int, in_flight: int, last: bool, checkpointing: bool) -> int:
     """Activation bytes of a stage: in_flight x blocks x per-block bytes (checkpointing: only the
-    block input, e d / (t if sequence parallel), plus one block recomputed at a time), and on the
-    last stage the head's activations for one micro batch."""
+    block input, e d / (t if sequence parallel), plus one block recomputed at a time), on the last
+    stage the head's activations for one micro batch, and in_flight document masks. Tokens are the
+    rank's: micro batch x seq_len / context."""
     m, p, prec = cfg.model, cfg.parallel, cfg.train.precision
     t, sp = p.tensor, p.sequence_parallel and p.tensor > 1
-    tokens = cfg.train.micro_batch_size * cfg.data.seq_len
+    tokens = cfg.train.micro_batch_size * cfg.data.seq_len // p.context
     per_block = activation_bytes_per_token(m, prec, t, sp) * tokens
     if checkpointing:
         kept = WEIGHT_BYTES[prec] * m.hidden_size / (t if sp else 1) * tokens
@@ -193,6 +211,8 @@ def stage_activations(cfg: Config, blocks: int, in_flight: int, last: bool, chec
         total = in_flight * blocks * per_block
     if last:
         total += head_bytes(m, prec, t, sp, tokens)
+    if m.document_mask and blocks:
+        total += in_flight * document_mask_bytes(cfg.train.micro_batch_size, cfg.data.seq_len)
     return int(total)
 
 
@@ -219,6 +239,8 @@ class Plan:
     tensor: int
     pipeline: int
     data: int
+    context: int
+    document_mask: bool
     sequence_parallel: bool
     zero_stage: int
     offload_optimizer: bool
@@ -271,10 +293,11 @@ def make_plan(cfg: Config, world_size: int, mfu: float = 0.4, peak_tflops: float
         raise MegalmError(f"--peak-tflops must be positive, got {peak_tflops}")
     cfg.validate(world_size)
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    data = world_size // (p.tensor * p.pipeline)
+    data = world_size // (p.tensor * p.pipeline * p.context)
+    shards = data * p.context  # ZeRO partitions over data x context
 
     def states(numel: int) -> list[ModelStates]:
-        return [model_state_bytes(numel, t.precision, z, data, allowed=p.pipeline == 1 or z <= 1) for z in range(4)]
+        return [model_state_bytes(numel, t.precision, z, shards, allowed=p.pipeline == 1 or z <= 1) for z in range(4)]
 
     stages = build_stages(cfg)
     worst = max(stages, key=lambda s: states(s.params)[cfg.zero.stage].total + s.activations)
@@ -283,7 +306,8 @@ def make_plan(cfg: Config, world_size: int, mfu: float = 0.4, peak_tflops: float
     megatron = flops_per_token_megatron(m, cfg.data.seq_len, recompute=m.activation_checkpointing)
     step_seconds = palm * tokens / (world_size * peak_tflops * 1e12 * mfu)
     return Plan(
-        world_size=world_size, tensor=p.tensor, pipeline=p.pipeline, data=data,
+        world_size=world_size, tensor=p.tensor, pipeline=p.pipeline, data=data, context=p.context,
+        document_mask=m.document_mask,
         sequence_parallel=p.sequence_parallel and p.tensor > 1, zero_stage=cfg.zero.stage,
         offload_optimizer=cfg.zero.offload_optimizer, precision=t.precision,
         activation_checkpointing=m.activation_checkpointing, micro_batch_size=t.micro_batch_size,

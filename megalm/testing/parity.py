@@ -25,17 +25,22 @@ class Layout:
     pipeline: int = 1
     data: int = 1
     zero: int = 1
+    context: int = 1
+    sequence_parallel: bool = False
 
     @property
     def world_size(self) -> int:
-        return self.tensor * self.pipeline * self.data
+        return self.tensor * self.context * self.pipeline * self.data
 
     @property
     def name(self) -> str:
-        return f"TP{self.tensor} PP{self.pipeline} DP{self.data} ZeRO{self.zero}"
+        cp = f" CP{self.context}" if self.context > 1 else ""
+        sp = " SP" if self.sequence_parallel else ""
+        return f"TP{self.tensor}{sp}{cp} PP{self.pipeline} DP{self.data} ZeRO{self.zero}"
 
     def overrides(self) -> list[str]:
-        return [f"parallel.tensor={self.tensor}", f"parallel.pipeline={self.pipeline}", f"zero.stage={self.zero}"]
+        return [f"parallel.tensor={self.tensor}", f"parallel.pipeline={self.pipeline}", f"zero.stage={self.zero}",
+                f"parallel.context={self.context}", f"parallel.sequence_parallel={str(self.sequence_parallel).lower()}"]
 
 
 REFERENCE = Layout()

@@ -69,13 +69,15 @@ class CheckpointMeta:
     def describe(self) -> str:
         d = self.dims
         layout = "universal, from " if self.kind == "universal" else ""
-        return f"{layout}tensor {d.tensor}, pipeline {d.pipeline}, data {d.data}, step {self.state.step}"
+        context = f", context {d.context}" if d.context > 1 else ""
+        return f"{layout}tensor {d.tensor}{context}, pipeline {d.pipeline}, data {d.data}, step {self.state.step}"
 
     def to_dict(self) -> dict[str, Any]:
         d, s = self.dims, self.state
         return {
             "format_version": self.format_version, "megalm_version": self.megalm_version, "kind": self.kind,
-            "parallel": {"tensor": d.tensor, "pipeline": d.pipeline, "data": d.data}, "world_size": d.world_size,
+            "parallel": {"tensor": d.tensor, "pipeline": d.pipeline, "data": d.data, "context": d.context},
+            "world_size": d.world_size,
             "step": s.step, "consumed_samples": s.consumed_samples, "skipped_steps": s.skipped_steps,
             "tokenizer": self.tokenizer, "config_yaml": self.config_yaml,
         }
@@ -94,7 +96,8 @@ class CheckpointMeta:
             if raw["kind"] not in KINDS:
                 raise ValueError(f"kind {raw['kind']!r} is not one of {KINDS}")
             return cls(
-                dims=ParallelDims(tensor=int(p["tensor"]), pipeline=int(p["pipeline"]), data=int(p["data"])),
+                dims=ParallelDims(tensor=int(p["tensor"]), pipeline=int(p["pipeline"]), data=int(p["data"]),
+                                  context=int(p.get("context", 1))),  # absent before context parallelism
                 state=TrainState(int(raw["step"]), int(raw["consumed_samples"]), int(raw["skipped_steps"])),
                 tokenizer=dict(raw["tokenizer"]), config_yaml=str(raw["config_yaml"]),
                 kind=raw["kind"], megalm_version=str(raw["megalm_version"]),

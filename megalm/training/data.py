@@ -19,6 +19,8 @@ import torch.distributed as dist
 
 from megalm.config import Config
 from megalm.data.builder import build_datasets
+from megalm.data.meta import read_meta
+from megalm.data.packing import Collate
 from megalm.data.sampler import MegatronPretrainingSampler, build_dataloader
 from megalm.data.tokenizer import build_tokenizer
 from megalm.errors import MegalmError
@@ -40,6 +42,22 @@ class _RecordingSampler:
         return len(self.sampler)
 
 
+def check_documents_end_with_eod(tokenizer: Any, prefixes: list[Any]) -> None:
+    """model.document_mask finds documents by their EOD token: the tokenizer must have one and
+    the shards must have been written with it appended."""
+    if tokenizer.eod is None or tokenizer.eod < 0:
+        raise MegalmError(f"model.document_mask needs a tokenizer with an end-of-document token; this "
+                          f"{tokenizer.type} tokenizer has none (a sentencepiece model trained with eos_id=-1?): "
+                          "use a tokenizer with EOS, or model.document_mask=false")
+    for entry in prefixes:
+        prefix = entry if isinstance(entry, str) else entry[1]
+        meta = read_meta(prefix)
+        if meta is not None and not meta.get("append_eod", True):
+            raise MegalmError(f"model.document_mask: shard '{prefix}' was written without EOD tokens "
+                              "(tools/preprocess_data.py without --append-eod), so its documents cannot be told apart; "
+                              "preprocess it again with --append-eod, or set model.document_mask=false")
+
+
 @dataclass
 class TrainData:
     cfg: Config
@@ -58,6 +76,8 @@ class TrainData:
         if tokenizer.vocab_size > cfg.model.vocab_size:
             raise MegalmError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
                               f"{cfg.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size}")
+        if cfg.model.document_mask:
+            check_documents_end_with_eod(tokenizer, d.train_prefixes)
         num_samples = (t.steps * t.global_batch_size, t.eval_steps * t.global_batch_size, 0)
         # rank 0 builds and caches the sample indices; the others then memory-map the cache
         datasets = None
@@ -78,11 +98,17 @@ class TrainData:
             data_rank=self.groups.data_rank, data_size=self.groups.dims.data,
         )
         recorder = _RecordingSampler(sampler) if record else None
-        loader = build_dataloader(dataset, recorder or sampler, self.cfg.data.num_workers)
+        loader = build_dataloader(dataset, recorder or sampler, self.cfg.data.num_workers, self.collate())
         for batch in loader:
             if recorder is not None:
                 self._record(recorder.yielded.popleft())
             yield batch
+
+    def collate(self) -> Collate:
+        """How this rank's batches are made: its context chunk, and document ids when masked."""
+        m = self.cfg.model
+        return Collate(eod=self.tokenizer.eod if m.document_mask else None, document_positions=m.document_positions,
+                       context_rank=self.groups.context_rank, context_size=self.groups.dims.context)
 
     def train_batches(self, consumed_samples: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self._batches(self.train, consumed_samples, record=self.cfg.logging.sample_ids)

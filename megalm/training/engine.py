@@ -75,16 +75,17 @@ def build_engine(cfg: Config, groups: ProcessGroups, model: nn.Module, tp: Tenso
     optimizer = build_optimizer(model, cfg.optimizer, guard=not ds_checks)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.optimizer, cfg.train.steps)
     pipeline = cfg.parallel.pipeline > 1
+    ds_config, mpu = deepspeed_config(cfg), None if pipeline else DeepSpeedMPU(groups)  # a PipelineModule brings its own grid
+    if cfg.zero.stage == 3 and groups.dims.context > 1:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
+        seams.partition_zero3_over(model, groups.data_context, ds_config, mpu, dtype)
     ds, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=deepspeed_config(cfg),
-        mpu=None if pipeline else DeepSpeedMPU(groups),  # a PipelineModule brings its own grid
-        dist_init_required=False,
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu, dist_init_required=False,
     )
     seams.record_fp32_grad_norm(ds)
-    if not pipeline and cfg.zero.stage == 0 and groups.dims.data == 1:
+    if cfg.zero.stage == 3 and groups.dims.context > 1:
+        seams.sum_zero3_gradients_over_context(ds, groups.dims.context)
+    if not pipeline and cfg.zero.stage == 0 and groups.dims.zero_shards == 1:
         seams.skip_gradient_allreduce(ds)
     if cfg.train.compile:
         ds.compile()  # lazy: the first forward compiles the whole model into one graph

@@ -112,15 +112,24 @@ def train_step(rt: Runtime, batches: Iterator) -> tuple[float, float]:
     losses, wait = [], 0.0
     for _ in range(rt.cfg.train.grad_accum_steps):
         t0 = time.perf_counter()
-        tokens, labels = next(batches)
+        inputs, labels = next(batches)
         wait += time.perf_counter() - t0
-        loss = engine.ds(tokens.to(rt.device), labels.to(rt.device))
+        loss = model_loss(rt, inputs, labels)
         engine.ds.backward(loss)
         engine.ds.step()
         losses.append(loss.detach().float())
     mean = torch.stack(losses).mean()
-    dist.all_reduce(mean, group=rt.groups.data)  # every TP rank already holds the same loss
+    dist.all_reduce(mean, group=rt.groups.data)  # every tensor and context rank already holds the same loss
     return mean.item() / rt.dims.data, wait
+
+
+def model_loss(rt: Runtime, inputs: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
+    """The engine's loss on one micro batch: inputs are tokens, or (tokens, positions, documents)
+    for packed documents (megalm.data.packing)."""
+    if isinstance(inputs, tuple):
+        tokens, positions, documents = (x.to(rt.device) for x in inputs)
+        return rt.engine.ds(tokens, labels.to(rt.device), positions=positions, documents=documents)
+    return rt.engine.ds(inputs.to(rt.device), labels.to(rt.device))
 
 
 class _TimedIterator:
@@ -152,8 +161,8 @@ def evaluate(run: Run, step: int) -> float:
             losses.append(float(engine.ds.eval_batch(data_iter=batches)))
             continue
         for _ in range(cfg.train.grad_accum_steps):
-            tokens, labels = next(batches)
-            losses.append(float(engine.ds(tokens.to(device), labels.to(device))))
+            inputs, labels = next(batches)
+            losses.append(float(model_loss(rt, inputs, labels)))
     engine.ds.train()
     mean = torch.tensor([sum(losses) / len(losses)], dtype=torch.float64, device=device)
     if not engine.pipeline:
@@ -218,10 +227,10 @@ def _check_same_layout(checkpoint: Path, cfg: Config, dims: ParallelDims, load_o
                           f"run has {dims.tensor} x {dims.pipeline}: {convert}")
     if stage != cfg.zero.stage and 3 in (stage, cfg.zero.stage) or (stage == 0) != (cfg.zero.stage == 0):
         raise MegalmError(f"the checkpoint was written with ZeRO-{stage}, this run has ZeRO-{cfg.zero.stage}: {convert}")
-    if saved.data != dims.data and cfg.zero.stage >= 1 and (load_optimizer or cfg.zero.stage == 3):
+    if saved.zero_shards != dims.zero_shards and cfg.zero.stage >= 1 and (load_optimizer or cfg.zero.stage == 3):
         raise MegalmError(
-            f"the checkpoint was written with data parallel {saved.data}, this run has {dims.data}; "
-            f"ZeRO-{cfg.zero.stage} partitions the optimizer by data-parallel rank: {convert} "
+            f"the checkpoint was written with data x context parallel {saved.data} x {saved.context}, this run has "
+            f"{dims.data} x {dims.context}; ZeRO-{cfg.zero.stage} partitions the optimizer over those ranks: {convert} "
             "(or set checkpoint.reset_optimizer=true to start a fresh optimizer)")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import time
 from dataclasses import dataclass, field
@@ -62,6 +63,14 @@ class Throughput:
             out["mfu"] = tflops / self.peak_tflops
             out["mfu_megatron"] = tflops_mt / self.peak_tflops
         return out
+
+
+def resident_gib() -> float:
+    """Memory this process holds now: CUDA allocated bytes, or the resident set on CPU (Linux)."""
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated() / 2**30
+    with open("/proc/self/statm", encoding="ascii") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
 def memory_gib() -> float:

@@ -58,10 +58,11 @@ def bootstrap(
     cfg.validate(launch.world_size)
     groups = build_process_groups(ParallelDims.from_config(cfg.parallel, launch.world_size))
     if announce:
-        pp, dp, tp = groups.dims.coords(launch.rank)
+        c = groups.dims.coords(launch.rank)
+        context = f" context {c.context}" if groups.dims.context > 1 else ""
         print(f"megalm rank {launch.rank}/{launch.world_size} local {launch.local_rank} via {launch.launcher} "
-              f"on {os.environ.get('SLURMD_NODENAME') or socket.gethostname()}: pipeline {pp} data {dp} tensor {tp}",
-              flush=True)
+              f"on {os.environ.get('SLURMD_NODENAME') or socket.gethostname()}: pipeline {c.pipeline} data {c.data}"
+              f"{context} tensor {c.tensor}", flush=True)
     init_deepspeed_runtime(cfg.parallel.init_timeout_minutes)
     torch.manual_seed(cfg.train.seed)  # equal on every rank: replicated dropout agrees across tensor ranks
     train_data = TrainData.build(cfg, groups) if data else None

@@ -83,3 +83,30 @@ def test_qkv_fuse_split_roundtrip():
     assert torch.equal(fused[:16], q[:16]) and torch.equal(fused[16:20], k[:4]) and torch.equal(fused[20:24], v[:4])
     for a, b in zip(split_qkv(fused, 8, 2), (q, k, v), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", ["llama-gqa-untied", "gpt2"])
+def test_document_masked_model_scores_one_document_as_hugging_face(case):
+    # a model trained with model.document_mask exports to a plain causal HF model: for a single
+    # document, the masked attention (positions restarting or not) is exactly causal attention
+    import dataclasses
+
+    from megalm.model.gpt import GPT
+
+    hf, plain = CASES[case]()
+    for reset in (False, True):
+        cfg = dataclasses.replace(plain.cfg, document_mask=True, document_positions=reset)
+        ours = GPT(cfg, TensorParallel.build(None, seed=3)).eval()
+        ours.load_state_dict(plain.state_dict())
+        tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            expected = hf(tokens).logits
+            got = ours(tokens, positions=torch.arange(40).expand(2, 40), documents=torch.zeros(2, 40, dtype=torch.long))
+        got = got[..., :VOCAB]
+        assert (got - expected).abs().max().item() < 1e-5
+        two_docs = torch.zeros(2, 40, dtype=torch.long)
+        two_docs[:, 20:] = 1  # the mask is applied: a second document does not see the first
+        with torch.no_grad():
+            split = ours(tokens, positions=torch.arange(40).expand(2, 40), documents=two_docs)[..., :VOCAB]
+        assert (split[:, :20] - expected[:, :20]).abs().max().item() < 1e-5
+        assert (split[:, 20:] - expected[:, 20:]).abs().max().item() > 1e-3

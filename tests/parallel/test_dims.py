@@ -30,7 +30,7 @@ def test_coords_round_trip_and_layout():
     dims = ParallelDims(tensor=2, pipeline=2, data=2)
     for rank in range(8):
         assert dims.rank_of(*dims.coords(rank)) == rank
-    assert dims.coords(5) == (1, 0, 1)  # pipe 1, data 0, tensor 1: as DeepSpeed's ProcessCoord
+    assert dims.coords(5) == (1, 0, 0, 1)  # pipe 1, data 0, context 0, tensor 1: as DeepSpeed's ProcessCoord
     assert dims.tensor_groups() == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert dims.data_groups() == [[0, 2], [1, 3], [4, 6], [5, 7]]
     assert dims.pipeline_groups() == [[0, 4], [1, 5], [2, 6], [3, 7]]
@@ -48,4 +48,19 @@ def test_matches_deepspeed_topology(tp, pp, dp):
     assert sorted(dims.pipeline_groups()) == sorted(topo.get_axis_comm_lists("pipe"))
     for rank in range(dims.world_size):
         c = topo.get_coord(rank)
-        assert dims.coords(rank) == (c.pipe, c.data, c.model)
+        assert dims.coords(rank) == (c.pipe, c.data, 0, c.model)
+
+
+def test_context_axis_sits_between_tensor_and_data():
+    dims = ParallelDims.from_world(8, tensor=2, context=2)
+    assert dims == ParallelDims(tensor=2, pipeline=1, data=2, context=2) and dims.zero_shards == 4
+    assert dims.coords(6) == (0, 1, 1, 0)
+    for rank in range(8):
+        assert dims.rank_of(*dims.coords(rank)) == rank
+    assert dims.tensor_groups() == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert dims.context_groups() == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert dims.data_groups() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert dims.data_context_groups() == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert dims.model_groups() == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    with pytest.raises(MegalmError, match="tensor x context x pipeline = 2 x 4 x 1 = 8"):
+        ParallelDims.from_world(12, tensor=2, context=4)

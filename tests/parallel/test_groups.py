@@ -51,3 +51,32 @@ def test_world8_groups_match_deepspeed_topology():
     for rank, out in enumerate(results):
         c = topo.get_coord(rank)
         assert out["mpu"] == (c.model, 2, c.data, 2, c.pipe, 2, c.pipe * 2 + c.model, 4)
+
+
+def _check_context_groups() -> tuple:
+    groups = build_process_groups(ParallelDims(tensor=2, pipeline=1, data=2, context=2))
+    mpu = DeepSpeedMPU(groups)
+    members = {name: dist.get_process_group_ranks(g) for name, g in
+               [("context", groups.context), ("data", groups.data), ("data_context", groups.data_context),
+                ("tensor", groups.tensor)]}
+    for group in (groups.context, groups.data_context):
+        x = torch.tensor([1.0])
+        dist.all_reduce(x, group=group)  # the group really communicates
+        assert x.item() == dist.get_world_size(group)
+    sequence = (mpu.get_sequence_parallel_rank(), mpu.get_sequence_parallel_world_size(),
+                mpu.get_sequence_data_parallel_rank(), mpu.get_sequence_data_parallel_world_size(),
+                mpu.get_data_parallel_world_size())
+    assert dist.get_process_group_ranks(mpu.get_sequence_data_parallel_group()) == members["data_context"]
+    return members, sequence
+
+
+def test_context_groups_and_deepspeeds_sequence_data_parallel_view():
+    results = run_distributed_test(_check_context_groups, world_size=8)
+    for rank, (members, sequence) in enumerate(results):
+        t, c, d = rank % 2, (rank // 2) % 2, rank // 4
+        assert members["tensor"] == [rank - t, rank - t + 1]
+        assert members["context"] == [d * 4 + t, d * 4 + 2 + t]
+        assert members["data"] == [c * 2 + t, 4 + c * 2 + t]
+        assert members["data_context"] == [t, 2 + t, 4 + t, 6 + t]
+        # DeepSpeed sums over the sequence group and averages over data: its data size stays 2
+        assert sequence == (c, 2, d * 2 + c, 4, 2)

@@ -28,6 +28,8 @@ TRANSITIONS = {  # name: (world A, layout A, world B, layout B)
     "dp4_to_dp2": (4, ["zero.stage=1"], 2, ["zero.stage=1"]),
     "dp2-z0_to_tp2-z1": (2, ["zero.stage=0"], 2, ["parallel.tensor=2", "zero.stage=1"]),
     "dp2-z1_to_one-z0": (2, ["zero.stage=1"], 1, ["zero.stage=0"]),
+    "cp2-z1_to_one-z1": (2, ["parallel.context=2", "zero.stage=1"], 1, ["zero.stage=1"]),
+    "dp2-z2_to_cp2dp2-z2": (2, ["zero.stage=2"], 4, ["parallel.context=2", "zero.stage=2"]),
 }
 
 
