@@ -22,3 +22,5 @@ nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 "$PY" -c "import torch, deepspeed; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__)" | tee -a "$OUT/gpu.txt"
 timeout 420 "$PY" tools/benchmark.py --config configs/bench-gpu-1b.yaml --steps 10 --warmup 3 \
     --output "$OUT/bench-gpu-1b.json" 2>"$OUT/bench.err" | tail -30
+# document masking's GPU kernel (compiled FlexAttention with the block mask) against the dense mask
+timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/long_context/test_documents.py -m gpu 2>&1 | tail -5 | tee -a "$OUT/gpu.txt"

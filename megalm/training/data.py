@@ -117,8 +117,8 @@ class TrainData:
         return self._batches(self.valid, 0, record=False)
 
     def _record(self, ids: list[int]) -> None:
-        if self.groups.tensor_rank != 0 or self.groups.pipeline_rank != 0:
-            return
+        if self.groups.tensor_rank != 0 or self.groups.pipeline_rank != 0 or self.groups.context_rank != 0:
+            return  # one record per data rank: the ranks of its model and sequence chunks read the same samples
         out = Path(self.cfg.train.run_dir) / "sample_ids"
         out.mkdir(parents=True, exist_ok=True)
         with open(out / f"rank{dist.get_rank()}.jsonl", "a", encoding="utf-8") as f:

@@ -172,3 +172,24 @@ def test_shards_without_eod_are_one_line_and_exit_2(tmp_path):
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "written without EOD tokens" in errors[0] and "--append-eod" in errors[0], run.stderr
     assert "Traceback" not in run.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the compiled FlexAttention path)")
+def test_compiled_flex_document_attention_on_gpu_equals_the_dense_mask_with_gradients():
+    from megalm.model.documents import Packing, document_attention
+
+    g = torch.Generator().manual_seed(0)
+    documents = (torch.arange(2 * 1024).reshape(2, 1024) // torch.tensor([[100], [333]])).cuda()
+    q = torch.randn(2, 8, 1024, 64, generator=g).cuda().requires_grad_()
+    k, v = (torch.randn(2, 2, 1024, 64, generator=g).cuda().requires_grad_() for _ in range(2))
+    out = document_attention(q, k, v, Packing(documents=documents))
+    out.square().sum().backward()
+    flex_grads = [x.grad.clone() for x in (q, k, v)]
+    for x in (q, k, v):
+        x.grad = None
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=document_dense_mask(documents), enable_gqa=True)
+    dense.square().sum().backward()
+    torch.testing.assert_close(out, dense, rtol=2e-4, atol=2e-4)
+    for got, x in zip(flex_grads, (q, k, v), strict=True):
+        torch.testing.assert_close(got, x.grad, rtol=2e-3, atol=2e-3)
