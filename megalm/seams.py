@@ -11,6 +11,8 @@ DeepSpeed
                                          keep it in `_global_grad_norm` for get_global_grad_norm()
     skip_gradient_allreduce(engine)      `enable_backward_allreduce = False` (one data rank, ZeRO-0)
     set_progress(engine, step, samples)  `global_steps` / `global_samples`, saved in its checkpoint
+    collect_write_errors(engine)         record a failed write of its checkpoint engine instead of
+                                         raising between its barriers (the other ranks would wait)
     partition_zero3_over(model, group, ..) ZeRO-3 under context parallelism: convert the parameters
                                          over data x context (DeepSpeed's own conversion uses the
                                          data group only, so gradients would miss the context sum)
@@ -37,10 +39,12 @@ Both packages are heavy to import, so each function imports what it needs when c
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import pickle
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,6 +112,31 @@ def sum_zero3_gradients_over_context(engine: Any, context: int) -> None:
         return [g.mul(context) for g in average(params, dtype)]
 
     setattr(engine.optimizer, name, sum_over_context)
+
+
+@contextlib.contextmanager
+def collect_write_errors(engine: Any) -> Iterator[list[BaseException]]:
+    """While saving: a write of DeepSpeed's checkpoint engine that fails (OSError: disk full,
+    permissions; torch's RuntimeError from its zip writer) is recorded in the yielded list and
+    skipped, instead of raising between DeepSpeed's barriers and leaving the other ranks waiting."""
+    errors: list[BaseException] = []
+    writer = engine.checkpoint_engine
+    save = writer.save
+
+    def recording_save(state_dict: Any, path: str, *args: Any, **kwargs: Any) -> Any:
+        if errors:
+            return None  # this save is lost already: write nothing more
+        try:
+            return save(state_dict, path, *args, **kwargs)
+        except (OSError, RuntimeError) as e:
+            errors.append(e)
+            return None
+
+    writer.save = recording_save
+    try:
+        yield errors
+    finally:
+        writer.save = save
 
 
 def set_progress(engine: Any, step: int, consumed_samples: int) -> None:

@@ -200,6 +200,12 @@ class CheckpointConfig:
     universal) resumes at any tensor / pipeline / data-parallel size and ZeRO stage."""
     save_at_end: bool = True
     """Save after the last step."""
+    fallback: bool = True
+    """With load=auto: when the checkpoint `latest` names is damaged (a file missing, truncated or
+    corrupt against its manifest), resume from the newest intact one, saying so in one line. An
+    unattended requeue then loses at most checkpoint.interval steps instead of stopping; the older
+    checkpoint resumes exactly (its data position is its own). false: stop with one line naming
+    the damaged file and the intact checkpoint. An explicit checkpoint.load path never falls back."""
     reset_optimizer: bool = False
     """On resume, load weights, step, schedule and data position but start a fresh optimizer
     state (Adam moments zero). The fallback for resuming a ZeRO-1/2 checkpoint at another

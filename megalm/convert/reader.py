@@ -38,7 +38,8 @@ from megalm.parallel.layers import unshard_tensor
 from megalm.parallel.pipeline import gpt_name, pipeline_layer
 from megalm.parallel.sharding import sharding_specs
 from megalm.parallel.vocab import strip_vocab_padding
-from megalm.training.checkpoint import TAG_RE
+from megalm.training import manifest
+from megalm.training.checkpoint import TAG_RE, older_checkpoints
 from megalm.training.checkpoint_meta import METADATA_FILE, CheckpointMeta
 from megalm.training.optimizer import param_groups
 
@@ -90,8 +91,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return p
 
 
-def open_checkpoint(path: str | Path) -> MegalmCheckpoint:
+def open_checkpoint(path: str | Path, *, optimizer: bool = False) -> MegalmCheckpoint:
+    """The checkpoint at `path`, checked against its manifest first: every file's size, and the
+    sha256 of the files a reader of the weights reads (with `optimizer`, of all files)."""
     ckpt = resolve_checkpoint(path)
+    damage = manifest.check(ckpt, digest=True if optimizer else (lambda name: "optim_states" not in name))
+    if damage is not None:
+        older = older_checkpoints(ckpt.parent, ckpt.name)
+        intact = next((ckpt.parent / t for t in older if manifest.check(ckpt.parent / t, digest=False) is None), None)
+        where = f"; the newest intact checkpoint is {intact}" if intact else ""
+        raise MegalmError(f"checkpoint {ckpt} is damaged: {damage}{where}")
     return MegalmCheckpoint(ckpt, CheckpointMeta.read(ckpt))
 
 

@@ -46,7 +46,8 @@ from megalm.parallel.layers import shard_tensor
 from megalm.parallel.pipeline import gpt_name
 from megalm.parallel.sharding import sharding_specs
 from megalm.parallel.vocab import pad_vocab_rows
-from megalm.training.checkpoint import atomic_write_text, tag_of, write_metadata
+from megalm.training import manifest
+from megalm.training.checkpoint import atomic_write_text, fsync_tree, tag_of, write_metadata
 from megalm.training.checkpoint_meta import CheckpointMeta, TrainState
 from megalm.training.engine import Engine
 
@@ -56,7 +57,7 @@ from megalm.training.engine import Engine
 def convert_to_universal(checkpoint: str | Path, output: str | Path) -> Path:
     """Write the universal form of a megalm checkpoint (any layout) into `output`, one parameter at a
     time (memory: about twice the largest parameter); return its tag dir."""
-    src = open_checkpoint(checkpoint)
+    src = open_checkpoint(checkpoint, optimizer=True)
     if src.meta.kind == "universal":
         raise MegalmError(f"{src.path} is already a universal checkpoint")
     if src.pipeline > 1 and src.config.zero.stage == 0:
@@ -92,6 +93,8 @@ def write_universal(
                 del tensor
             torch.save({UNIVERSAL_PARAM: torch.tensor(step)}, universal_state_file(ckpt, name, "step"))
         write_metadata(ckpt, replace(meta, kind="universal"), tokenizer_files)
+        fsync_tree(ckpt)
+        manifest.record(ckpt)
         atomic_write_text(tmp / "latest", ckpt.name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left looking like a checkpoint

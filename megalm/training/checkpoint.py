@@ -6,6 +6,7 @@
         mp_rank_XX_model_states.pt, *_optim_states.pt ...   DeepSpeed's files (zero_to_fp32 works)
         megalm.json                CheckpointMeta (megalm.training.checkpoint_meta): format version,
                                    parallel dims, step, consumed samples, tokenizer, config
+        manifest.json              every file above with its size and sha256 (megalm.training.manifest)
         config.yaml                the resolved config
         tokenizer/                 the tokenizer's files
         rng_state_rank{R}.pt       python/numpy/torch/cuda RNG states of each rank, and its
@@ -15,7 +16,13 @@ A save is written into global_stepN.saving; when every rank has written and fsyn
 renames the directory to global_stepN (setting aside a complete checkpoint of the same step, if a run
 saves one step twice: resumed, then preempted at once) and only then writes `latest`. So a
 global_stepN directory is always complete, and a save that dies half-way never touches the
-checkpoint `latest` names.
+checkpoint `latest` names. A write that fails on any rank (disk full, permissions) is caught where
+DeepSpeed writes, so every rank reaches the end of the save; they then agree that it failed, the
+half-written directory is removed and the run stops with one line, `latest` untouched.
+
+Before anything loads a checkpoint its manifest is checked (sizes, and digests shared out over the
+ranks); a damaged one is named, with the newest intact one, and `checkpoint.fallback` lets
+checkpoint.load=auto resume from that one instead (`intact_checkpoint`).
 
 DeepSpeed reads its own files with torch.load(weights_only=False) (its checkpoint engine needs
 pickled optimizer objects); megalm's own files (RNG states) are loaded with weights_only=True.
@@ -28,6 +35,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +43,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megalm import seams
 from megalm.errors import MegalmError
 from megalm.parallel.random import TensorParallelRNG
+from megalm.training import manifest
 from megalm.training.checkpoint_meta import METADATA_FILE, CheckpointMeta, TrainState
 from megalm.training.engine import Engine
 
@@ -85,12 +95,19 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)  # left by a save that died half-way
     dist.barrier()
-    engine.ds.save_checkpoint(str(root), tag=staging.name, client_state={"megalm": meta.to_dict()},
-                              save_latest=False)
-    _atomic_torch_save(rng_state(engine.tp.rng), staging / f"rng_state_rank{rank}.pt")
-    if rank == 0:
-        write_metadata(staging, meta, tokenizer_files)
-    fsync_tree(staging)  # what this rank wrote is on disk before `latest` can name it
+    with seams.collect_write_errors(engine.ds) as errors:  # a failed write must not strand the others
+        engine.ds.save_checkpoint(str(root), tag=staging.name, client_state={"megalm": meta.to_dict()},
+                                  save_latest=False)
+        try:
+            if not errors:
+                _atomic_torch_save(rng_state(engine.tp.rng), staging / f"rng_state_rank{rank}.pt")
+                if rank == 0:
+                    write_metadata(staging, meta, tokenizer_files)
+                fsync_tree(staging)  # what this rank wrote is on disk before `latest` can name it
+        except (OSError, RuntimeError) as e:
+            errors.append(e)
+    _agree_on_save(root, staging, [f"{type(e).__name__}: {e}" for e in errors])
+    manifest.record(staging, rank, dist.get_world_size())
     dist.barrier()
     if rank == 0:
         _publish(root, staging, tag)
@@ -98,6 +115,26 @@ def save_checkpoint(
         _prune(root, keep_last, keep=tag)
     dist.barrier()
     return root / tag
+
+
+def _agree_on_save(root: Path, staging: Path, failures: list[str]) -> None:
+    """Collective: when any rank failed to write, remove the half-written save and stop every rank
+    with the first failure and what is still intact."""
+    everyone: list[list[str]] = [[]] * dist.get_world_size()
+    dist.all_gather_object(everyone, failures)
+    failed = [(r, f[0]) for r, f in enumerate(everyone) if f]
+    if not failed:
+        return
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+    latest = root / "latest"
+    kept = f"the previous checkpoint ({latest.read_text().strip()}) and `latest` are intact" if latest.is_file() \
+        else "no earlier checkpoint exists"
+    rank, why = failed[0]
+    hint = " (free space, or lower checkpoint.keep_last)" if "No space left" in why else ""
+    raise MegalmError(f"saving checkpoint {staging.name.removesuffix(SAVING)} failed on rank {rank}: {why}{hint}; "
+                      f"{kept}")
 
 
 def _publish(root: Path, staging: Path, tag: str) -> None:
@@ -210,6 +247,33 @@ def resolve_load(load: str, root: Path) -> tuple[Path, str] | None:
         f"checkpoint.load={load}: not a checkpoint (expected a directory with a 'latest' file or a "
         "global_stepN directory)"
     )
+
+
+def older_checkpoints(root: Path, tag: str) -> list[str]:
+    """Tags of the complete checkpoints under `root` older than `tag`, newest first."""
+    m = TAG_RE.match(tag.removesuffix(REPLACED))
+    step = int(m.group(1)) if m else None
+    return [p.name for s, p in reversed(list_checkpoints(root)) if step is None or s < step]
+
+
+def intact_checkpoint(
+    root: Path, tag: str, *, fallback: bool, check: Callable[[Path], str | None],
+) -> tuple[str, list[str]]:
+    """(the tag to load, what was found damaged on the way): `tag` when check(root / tag) finds it
+    intact, else with `fallback` the newest older intact checkpoint; without it one MegalmError that
+    names the damaged file and the newest intact checkpoint (and how to resume from it)."""
+    damaged: list[str] = []
+    for candidate in [tag, *older_checkpoints(root, tag)]:
+        path = root / candidate
+        damage = check(path) if path.is_dir() else f"{path} is missing"
+        if damage is None:
+            if damaged and not fallback:
+                raise MegalmError(f"checkpoint {tag} is damaged: {damaged[0]}; the newest intact checkpoint is "
+                                  f"{path}: resume from it with checkpoint.load={path} (or checkpoint.fallback=true)")
+            return candidate, damaged
+        damaged.append(damage)
+    raise MegalmError(f"checkpoint {tag} is damaged: {damaged[0]}; no intact checkpoint under {root} "
+                      "(checkpoint.load=none starts afresh)")
 
 
 def load_checkpoint(engine: Engine, root: Path, tag: str, *, load_optimizer: bool = True) -> TrainState:

@@ -16,7 +16,9 @@ from megalm.config import Config
 from megalm.convert.universal import UniversalCheckpoint
 from megalm.errors import MegalmError
 from megalm.parallel.dims import ParallelDims
+from megalm.parallel.launch_env import discover
 from megalm.training import checkpoint as ckpt
+from megalm.training import manifest
 from megalm.training.checkpoint_meta import CheckpointMeta, TrainState
 from megalm.training.metrics import MetricsLogger, Throughput, device_peak_tflops, memory_gib
 from megalm.training.signals import PreemptionFlag
@@ -41,6 +43,11 @@ class Run:
 
 def setup(cfg: Config) -> Run:
     target = ckpt.resolve_load(cfg.checkpoint.load, Path(cfg.train.run_dir) / "checkpoints")
+    if target is not None:  # every rank, before start-up: files present with their recorded sizes
+        tag, damaged = ckpt.intact_checkpoint(*target, fallback=_may_fall_back(cfg),
+                                              check=lambda path: manifest.check(path, digest=False))
+        _say_fallback(cfg, target, tag, damaged)
+        target = (target[0], tag)
     universal = None
     if target is not None and CheckpointMeta.read(target[0] / target[1]).kind == "universal":
         universal = UniversalCheckpoint.open(target[0] / target[1])
@@ -207,12 +214,27 @@ def _resume(run: Run) -> TrainState:
     if run.universal is not None:
         state = run.universal.load_optimizer(rt.engine, cfg, moments=load_optimizer)
     else:
+        # every rank hashes a share of the files against the manifest; all agree on the verdict
+        tag, damaged = ckpt.intact_checkpoint(*target, fallback=_may_fall_back(cfg), check=manifest.check_together)
+        _say_fallback(cfg, target, tag, damaged)
+        target = run.resume_from = (target[0], tag)
         _check_same_layout(target[0] / target[1], cfg, rt.dims, load_optimizer)
         state = ckpt.load_checkpoint(rt.engine, *target, load_optimizer=load_optimizer)
     if dist.get_rank() == 0 and cfg.logging.console:
         print(f"resumed from {target[0] / target[1]}: step {state.step}, "
               f"{state.consumed_samples} samples consumed", flush=True)
     return state
+
+
+def _may_fall_back(cfg: Config) -> bool:
+    return cfg.checkpoint.fallback and cfg.checkpoint.load == "auto"
+
+
+def _say_fallback(cfg: Config, target: tuple[Path, str], tag: str, damaged: list[str]) -> None:
+    """One line, from the launch's rank 0, when a damaged checkpoint was passed over."""
+    if damaged and cfg.logging.console and discover().rank == 0:
+        print(f"warning: checkpoint {target[1]} is damaged: {damaged[0]}; resuming from {tag} instead "
+              "(checkpoint.fallback=true)", flush=True)
 
 
 def _check_same_layout(checkpoint: Path, cfg: Config, dims: ParallelDims, load_optimizer: bool) -> None:
