@@ -38,6 +38,7 @@ setup(
     extras_require={
         "mpi": ["mpi4py>=3.1"],
         "hf": ["transformers>=5.24,<6"],
+        "wandb": ["wandb>=0.19"],
         "dev": [
             "pytest>=8.0",
             "ruff>=0.5",
@@ -46,6 +47,7 @@ setup(
             "megatron-core>=0.9",
             "sacrebleu>=2.3",
             "rouge-score>=0.1.2",
+            "wandb>=0.19",
         ],
     },
     entry_points={

@@ -11,6 +11,7 @@ DeepSpeed
                                          keep it in `_global_grad_norm` for get_global_grad_norm()
     skip_gradient_allreduce(engine)      `enable_backward_allreduce = False` (one data rank, ZeRO-0)
     set_progress(engine, step, samples)  `global_steps` / `global_samples`, saved in its checkpoint
+    checkpoint_writes(engine, save)      route its checkpoint file writes through `save` (async saves)
     collect_write_errors(engine)         record a failed write of its checkpoint engine instead of
                                          raising between its barriers (the other ranks would wait)
     partition_zero3_over(model, group, ..) ZeRO-3 under context parallelism: convert the parameters
@@ -28,6 +29,8 @@ DeepSpeed
                                          in DeepSpeed's flat ZeRO 1-3 partitions (zero_to_fp32's layout),
                                          read one parameter at a time (its own reader merges whole
                                          groups in memory and not a pipeline stage's files)
+torch
+    default_group_timeout(timeout)       the timeout of groups created without one (DeepSpeed's)
 transformers (version 5 spellings)
     rope_kwargs(theta), rope_theta_of()  RoPE as `rope_parameters={"rope_type", "rope_theta"}`
     dtype_kwargs(dtype)                  `dtype=` (version 4: `torch_dtype=`)
@@ -40,17 +43,19 @@ Both packages are heavy to import, so each function imports what it needs when c
 from __future__ import annotations
 
 import contextlib
+import datetime
 import itertools
 import math
 import pickle
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed import distributed_c10d
 
 from megalm.errors import MegalmError
 
@@ -115,28 +120,45 @@ def sum_zero3_gradients_over_context(engine: Any, context: int) -> None:
 
 
 @contextlib.contextmanager
+def checkpoint_writes(engine: Any, save: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
+    """Route DeepSpeed's checkpoint file writes (`engine.checkpoint_engine.save(state_dict, path)`,
+    every file of its checkpoint) through `save` while the context lasts; yields the original."""
+    writer = engine.checkpoint_engine
+    original = writer.save
+    writer.save = save
+    try:
+        yield original
+    finally:
+        writer.save = original
+
+
+@contextlib.contextmanager
 def collect_write_errors(engine: Any) -> Iterator[list[BaseException]]:
     """While saving: a write of DeepSpeed's checkpoint engine that fails (OSError: disk full,
     permissions; torch's RuntimeError from its zip writer) is recorded in the yielded list and
     skipped, instead of raising between DeepSpeed's barriers and leaving the other ranks waiting."""
     errors: list[BaseException] = []
-    writer = engine.checkpoint_engine
-    save = writer.save
+    original: list[Callable[..., Any]] = []
 
     def recording_save(state_dict: Any, path: str, *args: Any, **kwargs: Any) -> Any:
         if errors:
             return None  # this save is lost already: write nothing more
         try:
-            return save(state_dict, path, *args, **kwargs)
+            return original[0](state_dict, path, *args, **kwargs)
         except (OSError, RuntimeError) as e:
             errors.append(e)
             return None
 
-    writer.save = recording_save
-    try:
+    with checkpoint_writes(engine, recording_save) as save:
+        original.append(save)
         yield errors
-    finally:
-        writer.save = save
+
+
+def default_group_timeout(timeout: datetime.timedelta) -> None:
+    """torch gives a process group created without a timeout (DeepSpeed's, for one) its backend's
+    default, 30 minutes, not the world group's: make `timeout` that default
+    (torch.distributed.distributed_c10d._get_default_timeout)."""
+    distributed_c10d._get_default_timeout = lambda backend: timeout
 
 
 def set_progress(engine: Any, step: int, consumed_samples: int) -> None:

@@ -152,3 +152,13 @@ def test_zero3_context_parallel_seams_are_still_needed():
     source = inspect.getsource(stage3)
     scatter = source[source.index("def __avg_scatter_grads"):source.index("def set_grad_positions")]
     assert "reduce_scatter_coalesced" in scatter and "sequence_parallel_size" not in scatter
+
+
+def test_groups_created_without_a_timeout_take_torchs_default_one():
+    # default_group_timeout replaces it, so DeepSpeed's groups time out with megalm's
+    import inspect
+
+    from torch.distributed import distributed_c10d
+
+    assert callable(distributed_c10d._get_default_timeout)
+    assert "_get_default_timeout(backend)" in inspect.getsource(distributed_c10d._new_group_with_tag)

@@ -15,6 +15,7 @@
 # Extra arguments are passed to megalm.train (config overrides).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source launchers/gpu_debug_env.sh  # NCCL flight recorder on GPU nodes
 
 CONFIG=${CONFIG:-configs/tiny.yaml}
 NUM_NODES=${NUM_NODES:-1}

@@ -16,6 +16,7 @@
 # Extra arguments are passed to megalm.train.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source launchers/gpu_debug_env.sh  # NCCL flight recorder on GPU nodes
 
 CONFIG=${CONFIG:-configs/tiny.yaml}
 NP=${NP:-2}
@@ -27,6 +28,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MASTER_ADDR MASTER_PORT GLOO_SOCKET
 
 opts=(-np "$NP" --mca oob_tcp_if_include "$NET_IF" --mca btl_tcp_if_include "$NET_IF"
       -x OMP_NUM_THREADS -x MASTER_ADDR -x MASTER_PORT -x GLOO_SOCKET_IFNAME -x PATH -x PYTHONPATH)
+for v in $MEGALM_GPU_DEBUG_VARS; do if [ -n "${!v:-}" ]; then opts+=(-x "$v"); fi; done
 [ -n "${HOSTFILE:-}" ] && opts+=(--hostfile "$HOSTFILE")
 [ "$(id -u)" -eq 0 ] && opts+=(--allow-run-as-root)
 [ "$NP" -gt "$(nproc)" ] && [ -z "${HOSTFILE:-}" ] && opts+=(--oversubscribe)

@@ -15,6 +15,7 @@
 # torchrun sets OMP_NUM_THREADS=1. Extra arguments are passed to megalm.train.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source launchers/gpu_debug_env.sh  # NCCL flight recorder on GPU nodes
 
 CONFIG=${CONFIG:-configs/tiny.yaml}
 NUM_NODES=${NUM_NODES:-1}

@@ -112,7 +112,11 @@ class ParallelConfig:
     pipeline_partition: str = "parameters"
     """How DeepSpeed splits layers across stages: parameters, uniform, or type:REGEX."""
     init_timeout_minutes: float = 10.0
-    """Timeout of process-group creation and of each collective."""
+    """How long a rank waits for rank 0's rendezvous to become reachable."""
+    collective_timeout_minutes: float = 10.0
+    """Timeout of every collective, in every process group (megalm's and DeepSpeed's), and of the
+    rendezvous once reached: a rank that stops makes the others exit with one line naming the
+    step and what it was doing, each live rank's Python stack dumped to RUN_DIR/stacks/."""
 
 
 @dataclass(kw_only=True)
@@ -200,6 +204,11 @@ class CheckpointConfig:
     universal) resumes at any tensor / pipeline / data-parallel size and ZeRO stage."""
     save_at_end: bool = True
     """Save after the last step."""
+    async_save: bool = False
+    """Write checkpoints in the background: training is blocked only while each rank copies its
+    state to host memory; a writer thread per rank writes the files while training continues, and
+    `latest` names the checkpoint once every rank has finished (checked at each step). Costs host
+    memory for one copy of the rank's checkpoint; the next save waits for the previous one."""
     fallback: bool = True
     """With load=auto: when the checkpoint `latest` names is damaged (a file missing, truncated or
     corrupt against its manifest), resume from the newest intact one, saying so in one line. An
@@ -216,11 +225,26 @@ class CheckpointConfig:
 class LoggingConfig:
     tensorboard: bool = True
     """Write scalars to RUN_DIR/tensorboard."""
+    wandb: bool = False
+    """Also log to Weights & Biases (pip install 'megalm[wandb]'): the same scalars as TensorBoard
+    and the resolved config. A resumed run continues the same W&B run (its id is kept in
+    RUN_DIR/wandb_id). Credentials: WANDB_API_KEY or `wandb login`, as usual."""
+    wandb_project: str = "megalm"
+    """W&B project."""
+    wandb_name: str = ""
+    """W&B run name. Default: the run directory's name."""
+    wandb_mode: Literal["online", "offline"] = "online"
+    """online: stream to the W&B server; offline: write RUN_DIR/wandb/ only (`wandb sync` it later)."""
     console: bool = True
     """Print a line per logged step on rank 0."""
     peak_tflops: float = 0.0
     """Per-device peak bf16 TFLOP/s for MFU. 0: from the device table (A100, H100, H200); on CPU
     MFU is reported only when this is set."""
+    straggler_interval: int = 50
+    """Every N steps gather each rank's time for its data and forward passes; log the slowest
+    rank, its node and its ratio to the median (metrics.jsonl, TensorBoard). 0: off."""
+    straggler_ratio: float = 1.5
+    """Print a warning line when the slowest rank takes this many times the median."""
     sample_ids: bool = False
     """Append the global sample ids each data-parallel rank trains on to
     RUN_DIR/sample_ids/rank{R}.jsonl (a data-order audit; used by the resume tests)."""

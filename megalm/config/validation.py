@@ -92,6 +92,8 @@ def _validate_parallel(cfg: Config, world_size: int) -> None:
             "set zero.stage=1",
         )
     _check(not (z.offload_optimizer and z.stage == 0), "zero.offload_optimizer needs zero.stage >= 1")
+    _check(p.init_timeout_minutes > 0 and p.collective_timeout_minutes > 0,
+           "parallel.init_timeout_minutes and parallel.collective_timeout_minutes must be positive")
 
 
 def _validate_batch(cfg: Config, world_size: int) -> None:
@@ -169,3 +171,5 @@ def _validate_rest(cfg: Config) -> None:
     c = cfg.checkpoint
     _check(c.interval >= 0 and c.keep_last >= 0, "checkpoint.interval and keep_last must not be negative")
     _check(cfg.logging.peak_tflops >= 0, "logging.peak_tflops must not be negative")
+    _check(cfg.logging.straggler_interval >= 0 and cfg.logging.straggler_ratio >= 1,
+           "logging.straggler_interval must not be negative and logging.straggler_ratio must be at least 1")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megalm import seams
 from megalm.errors import MegalmError
 from megalm.parallel.dims import ParallelDims
 from megalm.parallel.launch_env import LaunchEnv, discover
@@ -73,10 +74,13 @@ def init_distributed(
     launch: LaunchEnv | None = None,
     backend: str | None = None,
     timeout_minutes: float = 10.0,
+    collective_timeout_minutes: float | None = None,
 ) -> LaunchEnv:
     """Initialise the default process group from the launcher's environment (idempotent).
 
     A single process with no launcher still gets a world of one, so every code path is the same.
+    `timeout_minutes` bounds the wait for rank 0's rendezvous; `collective_timeout_minutes` (default:
+    the same) every collective of every group created afterwards, DeepSpeed's included.
     """
     launch = launch or discover()
     launch.export()
@@ -94,12 +98,14 @@ def init_distributed(
         torch.cuda.set_device(launch.local_rank)
     if launch.rank != 0:
         wait_for_rendezvous(launch.master_addr, launch.master_port, timeout_minutes * 60)
+    timeout = datetime.timedelta(minutes=collective_timeout_minutes or timeout_minutes)
+    seams.default_group_timeout(timeout)  # groups created without a timeout (DeepSpeed's) get this one
     dist.init_process_group(
         backend=backend,
         init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
         rank=launch.rank,
         world_size=launch.world_size,
-        timeout=datetime.timedelta(minutes=timeout_minutes),
+        timeout=timeout,
     )
     return launch
 

@@ -100,7 +100,7 @@ def benchmark(cfg: Config, *, steps: int, warmup: int, compare_hf: str | None, p
     before_steps = resident_gib()  # the model, its optimizer states and the libraries, before any step
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        loss, wait = train_step(rt, batches)
+        loss, wait, _ = train_step(rt, batches)
         seconds = time.perf_counter() - t0
         if hf is not None:
             t1 = time.perf_counter()

@@ -18,7 +18,9 @@ saves one step twice: resumed, then preempted at once) and only then writes `lat
 global_stepN directory is always complete, and a save that dies half-way never touches the
 checkpoint `latest` names. A write that fails on any rank (disk full, permissions) is caught where
 DeepSpeed writes, so every rank reaches the end of the save; they then agree that it failed, the
-half-written directory is removed and the run stops with one line, `latest` untouched.
+half-written directory is removed and the run stops with one line, `latest` untouched. With
+checkpoint.async_save the same files are written by a background thread of each rank
+(`start_async_save` / `finish_async_save`, megalm.training.async_save) and published by the same rule.
 
 Before anything loads a checkpoint its manifest is checked (sizes, and digests shared out over the
 ranks); a damaged one is named, with the newest intact one, and `checkpoint.fallback` lets
@@ -36,6 +38,7 @@ import random
 import re
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +50,7 @@ from megalm import seams
 from megalm.errors import MegalmError
 from megalm.parallel.random import TensorParallelRNG
 from megalm.training import manifest
+from megalm.training.async_save import BackgroundWriter, queued_save
 from megalm.training.checkpoint_meta import METADATA_FILE, CheckpointMeta, TrainState
 from megalm.training.engine import Engine
 
@@ -115,6 +119,67 @@ def save_checkpoint(
         _prune(root, keep_last, keep=tag)
     dist.barrier()
     return root / tag
+
+
+@dataclass(frozen=True)
+class PendingSave:
+    """An asynchronous save whose files are still being written (megalm.training.async_save)."""
+
+    root: Path
+    staging: Path
+    tag: str
+    keep_last: int
+
+
+def start_async_save(
+    engine: Engine, root: Path, meta: CheckpointMeta, tokenizer_files: list[str], keep_last: int,
+    writer: BackgroundWriter,
+) -> PendingSave:
+    """Collective: snapshot this rank's part of the checkpoint and queue its files on `writer`;
+    returns as soon as the copies are made. `finish_async_save` publishes it."""
+    tag = tag_of(meta.state.step)
+    staging = root / (tag + SAVING)
+    rank = dist.get_rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+    dist.barrier()
+    with seams.checkpoint_writes(engine.ds, queued_save(writer)):
+        engine.ds.save_checkpoint(str(root), tag=staging.name, client_state={"megalm": meta.to_dict()},
+                                  save_latest=False)
+    writer.write(rng_state(engine.tp.rng), staging / f"rng_state_rank{rank}.pt")
+    if rank == 0:
+        write_metadata(staging, meta, tokenizer_files)  # small: written now, hashed when published
+    return PendingSave(root, staging, tag, keep_last)
+
+
+def finish_async_save(pending: PendingSave, writer: BackgroundWriter, *, wait: bool) -> bool:
+    """Collective: when every rank's writer is done (after waiting for this rank's, with `wait`),
+    publish the save as save_checkpoint does (manifest, rename, `latest`, pruning) and return True;
+    else False. A failed write on any rank stops every rank with one line (as save_checkpoint)."""
+    if wait:
+        writer.wait()
+    done = torch.tensor([1.0 if writer.idle() else 0.0])
+    dist.all_reduce(done, op=dist.ReduceOp.MIN)
+    if done.item() < 1.0:
+        return False
+    written, errors = writer.take()
+    _agree_on_save(pending.root, pending.staging, [f"{type(e).__name__}: {e}" for e in errors])
+    shares: list[dict[str, dict] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, {Path(p).relative_to(pending.staging).as_posix(): e for p, e in written.items()})
+    if dist.get_rank() == 0:
+        entries = {name: entry for share in shares for name, entry in (share or {}).items()}
+        fsync_tree(pending.staging)  # the metadata rank 0 wrote when the save started
+        for name in manifest.checkpoint_files(pending.staging):
+            if name not in entries:  # megalm.json, config.yaml, the tokenizer
+                path = pending.staging / name
+                entries[name] = {"size": path.stat().st_size, "sha256": manifest.sha256_of(path)}
+        manifest.write(pending.staging, entries)
+        _publish(pending.root, pending.staging, pending.tag)
+        atomic_write_text(pending.root / "latest", pending.tag)
+        _prune(pending.root, pending.keep_last, keep=pending.tag)
+    dist.barrier()
+    return True
 
 
 def _agree_on_save(root: Path, staging: Path, failures: list[str]) -> None:

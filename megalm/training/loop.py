@@ -19,10 +19,13 @@ from megalm.parallel.dims import ParallelDims
 from megalm.parallel.launch_env import discover
 from megalm.training import checkpoint as ckpt
 from megalm.training import manifest
+from megalm.training.async_save import BackgroundWriter
 from megalm.training.checkpoint_meta import CheckpointMeta, TrainState
 from megalm.training.metrics import MetricsLogger, Throughput, device_peak_tflops, memory_gib
 from megalm.training.signals import PreemptionFlag
 from megalm.training.startup import Runtime, bootstrap
+from megalm.training.stragglers import StragglerMonitor
+from megalm.training.watchdog import StepWatchdog
 
 
 @dataclass
@@ -35,6 +38,10 @@ class Run:
     throughput: Throughput
     resume_from: tuple[Path, str] | None
     universal: UniversalCheckpoint | None
+    stragglers: StragglerMonitor
+    writer: BackgroundWriter | None = None  # checkpoint.async_save: this rank's writer thread
+    pending: ckpt.PendingSave | None = None  # an asynchronous save still being written
+    last_loss: float = 0.0
 
     @property
     def cfg(self) -> Config:
@@ -59,10 +66,15 @@ def setup(cfg: Config) -> Run:
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-    logger = MetricsLogger(run_dir, enabled=rank0, console=cfg.logging.console,
+    lg = cfg.logging
+    wandb = dict(project=lg.wandb_project, name=lg.wandb_name, mode=lg.wandb_mode, config=cfg.to_dict()) \
+        if lg.wandb else None
+    logger = MetricsLogger(run_dir, enabled=rank0, console=cfg.logging.console, wandb=wandb,
                            tensorboard=cfg.logging.tensorboard, total_steps=cfg.train.steps)
     throughput = Throughput.of_run(cfg, rt.dims.world_size, device_peak_tflops(cfg.logging.peak_tflops))
-    return Run(rt, logger, throughput, target, universal)
+    stragglers = StragglerMonitor.start(cfg.logging.straggler_interval, cfg.logging.straggler_ratio)
+    writer = BackgroundWriter() if cfg.checkpoint.async_save else None
+    return Run(rt, logger, throughput, target, universal, stragglers, writer)
 
 
 def train(cfg: Config) -> TrainState:
@@ -70,64 +82,117 @@ def train(cfg: Config) -> TrainState:
     run = setup(cfg)
     state = _resume(run)
     preempt = PreemptionFlag().install()
+    watchdog = StepWatchdog(Path(cfg.train.run_dir), dist.get_rank(), cfg.parallel.collective_timeout_minutes)
     batches = run.rt.data.train_batches(state.consumed_samples)
     nonfinite_in_a_row = 0
     try:
         while state.step < cfg.train.steps:
-            t0 = time.perf_counter()
-            lr = run.rt.engine.ds.get_lr()[0]  # the rate this step uses (the scheduler steps after it)
-            loss, wait = train_step(run.rt, batches)
-            state = replace(state, step=state.step + 1,
-                            consumed_samples=state.consumed_samples + cfg.train.global_batch_size)
-            finite = math.isfinite(loss)  # a non-finite step was skipped by the optimizer
-            nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
-            if not finite:
-                state = replace(state, skipped_steps=state.skipped_steps + 1)
-            _log_step(run, state, loss, lr, time.perf_counter() - t0, wait)
+            watchdog.arm(state.step + 1)
+            try:
+                state, stop = _one_step(run, state, batches, preempt, watchdog)
+            except RuntimeError as e:  # a backend's collective timeout becomes one line
+                explained = watchdog.explain(e)
+                if explained is e:
+                    raise
+                raise explained from None
+            watchdog.disarm()
+            nonfinite_in_a_row = 0 if math.isfinite(run.last_loss) else nonfinite_in_a_row + 1
             if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
                 raise MegalmError(
                     f"loss was not finite for {nonfinite_in_a_row} steps in a row (step {state.step}); "
                     "lower optimizer.lr, use bf16 instead of fp16, or check the data"
                 )
-            if cfg.train.eval_interval and state.step % cfg.train.eval_interval == 0:
-                evaluate(run, state.step)
-            stop = preempt.should_stop(run.rt.device)
-            interval = cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0
-            if stop or interval:
-                save(run, state)
             if stop:
+                finish_saving(run)
                 _write_status(run, state, "preempted")
                 return state
         if cfg.checkpoint.save_at_end and not (
             cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0
         ):
             save(run, state)
+        finish_saving(run)
         _write_status(run, state, "completed")
         return state
     finally:
+        if run.writer is not None:
+            run.writer.close()
+        watchdog.close()
         preempt.uninstall()
         run.logger.close()
 
 
-def train_step(rt: Runtime, batches: Iterator) -> tuple[float, float]:
-    """One optimizer step over a global batch; return (mean loss over the global batch, data wait s)."""
+def _one_step(
+    run: Run, state: TrainState, batches: Iterator, preempt: PreemptionFlag, watchdog: StepWatchdog,
+) -> tuple[TrainState, bool]:
+    """Train, log, evaluate and save as this step asks; return the new state and whether to stop."""
+    cfg = run.cfg
+    t0 = time.perf_counter()
+    lr = run.rt.engine.ds.get_lr()[0]  # the rate this step uses (the scheduler steps after it)
+    loss, wait, own = train_step(run.rt, batches, watchdog)
+    state = replace(state, step=state.step + 1,
+                    consumed_samples=state.consumed_samples + cfg.train.global_batch_size)
+    run.last_loss = loss
+    if not math.isfinite(loss):  # a non-finite step was skipped by the optimizer
+        state = replace(state, skipped_steps=state.skipped_steps + 1)
+    watchdog.phase = "logging"
+    _log_step(run, state, loss, lr, time.perf_counter() - t0, wait)
+    run.stragglers.add(own)
+    if run.stragglers.due(state.step):
+        watchdog.phase = "the straggler report"
+        scalars, warning = run.stragglers.report(state.step)
+        run.logger.log(state.step, scalars, quiet=True)
+        if warning and dist.get_rank() == 0 and cfg.logging.console:
+            print(warning, flush=True)
+    if cfg.train.eval_interval and state.step % cfg.train.eval_interval == 0:
+        watchdog.phase = "evaluation"
+        evaluate(run, state.step)
+    watchdog.phase = "the preemption check"
+    stop = preempt.should_stop(run.rt.device)
+    interval = cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0
+    if stop or interval:
+        watchdog.phase = "saving a checkpoint"
+        save(run, state)
+    elif run.pending is not None:  # publish an asynchronous save once every rank has written it
+        watchdog.phase = "checking the background checkpoint writes"
+        if ckpt.finish_async_save(run.pending, run.writer, wait=False):
+            run.pending = None
+    return state, stop
+
+
+def train_step(rt: Runtime, batches: Iterator, watchdog: StepWatchdog | None = None) -> tuple[float, float, float]:
+    """One optimizer step over a global batch; return (mean loss over the global batch, data wait s,
+    this rank's own work s: data wait and forward passes, for the straggler report).
+    `watchdog.phase` follows the step (for the line a collective timeout becomes)."""
     engine = rt.engine
+
+    def phase(name: str) -> None:
+        if watchdog is not None:
+            watchdog.phase = name
+
     if engine.pipeline:
+        phase("the pipeline schedule")
         timed = _TimedIterator(batches)
         loss = engine.ds.train_batch(data_iter=timed)
-        return float(loss), timed.wait
-    losses, wait = [], 0.0
+        return float(loss), timed.wait, timed.wait
+    losses, wait, forward = [], 0.0, 0.0
     for _ in range(rt.cfg.train.grad_accum_steps):
         t0 = time.perf_counter()
+        phase("data loading")
         inputs, labels = next(batches)
-        wait += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        wait += t1 - t0
+        phase("the forward pass")
         loss = model_loss(rt, inputs, labels)
+        forward += time.perf_counter() - t1
+        phase("the backward pass")
         engine.ds.backward(loss)
+        phase("the optimizer step")
         engine.ds.step()
         losses.append(loss.detach().float())
+    phase("the loss all-reduce")
     mean = torch.stack(losses).mean()
     dist.all_reduce(mean, group=rt.groups.data)  # every tensor and context rank already holds the same loss
-    return mean.item() / rt.dims.data, wait
+    return mean.item() / rt.dims.data, wait, wait + forward
 
 
 def model_loss(rt: Runtime, inputs: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
@@ -200,10 +265,26 @@ def _log_step(run: Run, state: TrainState, loss: float, lr: float, seconds: floa
 
 
 def save(run: Run, state: TrainState) -> None:
+    """Save a checkpoint (in the background with checkpoint.async_save, after the previous one is
+    published); log how long training was blocked (save_blocked_s)."""
     rt = run.rt
+    t0 = time.perf_counter()
+    finish_saving(run)
     meta = CheckpointMeta.of_run(rt.cfg, rt.dims, state, rt.data.tokenizer_info())
-    ckpt.save_checkpoint(rt.engine, Path(rt.cfg.train.run_dir) / "checkpoints", meta,
-                         rt.data.tokenizer_files(), rt.cfg.checkpoint.keep_last)
+    args = (rt.engine, Path(rt.cfg.train.run_dir) / "checkpoints", meta, rt.data.tokenizer_files(),
+            rt.cfg.checkpoint.keep_last)
+    if run.writer is not None:
+        run.pending = ckpt.start_async_save(*args, run.writer)
+    else:
+        ckpt.save_checkpoint(*args)
+    run.logger.log(state.step, {"save_blocked_s": time.perf_counter() - t0}, quiet=True)
+
+
+def finish_saving(run: Run) -> None:
+    """Wait for an asynchronous save still being written and publish it (collective)."""
+    if run.pending is not None:
+        ckpt.finish_async_save(run.pending, run.writer, wait=True)
+        run.pending = None
 
 
 def _resume(run: Run) -> TrainState:

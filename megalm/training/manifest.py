@@ -56,6 +56,12 @@ def record(ckpt: Path, rank: int = 0, world: int = 1) -> dict[str, dict] | None:
     if rank != 0:
         return None
     entries = {n: e for share in shares for n, e in sorted(share.items())}
+    write(ckpt, entries)
+    return entries
+
+
+def write(ckpt: Path, entries: dict[str, dict]) -> None:
+    """Write manifest.json of `ckpt` from its entries (relative path -> size, sha256) and fsync it."""
     tmp, path = ckpt / (MANIFEST_FILE + ".tmp"), ckpt / MANIFEST_FILE
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump({"format": FORMAT, "files": dict(sorted(entries.items()))}, f, indent=1)
@@ -66,7 +72,6 @@ def record(ckpt: Path, rank: int = 0, world: int = 1) -> dict[str, dict] | None:
             os.fsync(fd)
         finally:
             os.close(fd)
-    return entries
 
 
 def read(ckpt: Path) -> dict[str, dict] | None:

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import resource
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from megalm.config import Config
+from megalm.errors import MegalmError
 from megalm.model.flops import flops_per_token_megatron, flops_per_token_palm
 
 # Dense bf16 tensor-core peaks, TFLOP/s per device (vendor datasheets, SXM parts).
@@ -89,7 +91,10 @@ class MetricsLogger:
     console: bool = True
     tensorboard: bool = True
     total_steps: int = 0
+    wandb: dict[str, Any] | None = None
+    """W&B settings (project, name, mode, config) or None: no W&B."""
     _writer: Any = field(default=None, init=False)
+    _wandb_run: Any = field(default=None, init=False)
     _jsonl: Any = field(default=None, init=False)
     _start: float = field(default_factory=time.monotonic, init=False)
 
@@ -102,18 +107,24 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - heavy, only with logging.tensorboard
 
             self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        if self.wandb is not None:
+            self._wandb_run = start_wandb(self.run_dir, **self.wandb)
 
-    def log(self, step: int, scalars: dict[str, float], first_step: int = 0) -> None:
+    def log(self, step: int, scalars: dict[str, float], first_step: int = 0, *, quiet: bool = False) -> None:
+        """Append to metrics.jsonl and TensorBoard, and print a console line unless `quiet`."""
         if not self.enabled:
             return
         record = {"step": step, **{k: _finite_or_str(v) for k, v in scalars.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
+        tagged = {f"train/{key}" if "val" not in key else f"eval/{key}": value for key, value in scalars.items()}
         if self._writer is not None:
-            for key, value in scalars.items():
-                self._writer.add_scalar(f"train/{key}" if "val" not in key else f"eval/{key}", value, step)
+            for tag, value in tagged.items():
+                self._writer.add_scalar(tag, value, step)
             self._writer.flush()
-        if self.console:
+        if self._wandb_run is not None:
+            self._wandb_run.log(tagged, step=step)
+        if self.console and not quiet:
             print(self._console_line(step, scalars, first_step), flush=True)
 
     def _console_line(self, step: int, s: dict[str, float], first_step: int) -> str:
@@ -136,6 +147,22 @@ class MetricsLogger:
             self._jsonl.close()
         if self._writer is not None:
             self._writer.close()
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+
+
+def start_wandb(run_dir: Path, *, project: str, name: str, mode: str, config: dict[str, Any]) -> Any:
+    """A W&B run for `run_dir`, resuming the one its earlier jobs logged to (RUN_DIR/wandb_id)."""
+    try:
+        import wandb  # noqa: PLC0415 - optional: only with logging.wandb
+    except ImportError:
+        raise MegalmError("logging.wandb=true needs the wandb package: pip install 'megalm[wandb]'") from None
+    id_file = run_dir / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+    id_file.write_text(run_id)
+    return wandb.init(project=project, name=name or run_dir.name, id=run_id, resume="allow", mode=mode,
+                      dir=str(run_dir), config=config)
 
 
 def _finite_or_str(value: float) -> float | str:

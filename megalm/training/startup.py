@@ -54,7 +54,8 @@ def bootstrap(
     launched world size. `data`: also open the training data (tokenizer, shards, sample indices).
     `prepare_model(model, groups)` runs before DeepSpeed takes the model (the checkpoint writer
     copies converted weights in there). `announce` prints the rank's coordinates."""
-    launch = init_distributed(timeout_minutes=cfg.parallel.init_timeout_minutes)
+    launch = init_distributed(timeout_minutes=cfg.parallel.init_timeout_minutes,
+                              collective_timeout_minutes=cfg.parallel.collective_timeout_minutes)
     cfg.validate(launch.world_size)
     groups = build_process_groups(ParallelDims.from_config(cfg.parallel, launch.world_size))
     if announce:
@@ -63,7 +64,7 @@ def bootstrap(
         print(f"megalm rank {launch.rank}/{launch.world_size} local {launch.local_rank} via {launch.launcher} "
               f"on {os.environ.get('SLURMD_NODENAME') or socket.gethostname()}: pipeline {c.pipeline} data {c.data}"
               f"{context} tensor {c.tensor}", flush=True)
-    init_deepspeed_runtime(cfg.parallel.init_timeout_minutes)
+    init_deepspeed_runtime(cfg.parallel.collective_timeout_minutes)
     torch.manual_seed(cfg.train.seed)  # equal on every rank: replicated dropout agrees across tensor ranks
     train_data = TrainData.build(cfg, groups) if data else None
     tp = TensorParallel.from_groups(groups, sequence_parallel=cfg.parallel.sequence_parallel, seed=cfg.train.seed)

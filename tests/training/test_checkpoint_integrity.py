@@ -133,11 +133,12 @@ def _full_disk_rank(config: str, overrides: list[str]) -> str | None:
 
 
 @pytest.mark.slow
-def test_disk_full_during_a_save_stops_every_rank_with_one_line(byte_shards, tmp_path):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_disk_full_during_a_save_stops_every_rank_with_one_line(byte_shards, tmp_path, mode):
     run = tmp_path / "run"
-    messages = run_distributed_test(_full_disk_rank, 2, args=(TINY, [f"data.train_prefixes=[{byte_shards}]",
-                                                                    f"train.run_dir={run}", *RUN]),
-                                    env={"DS_ACCELERATOR": "cpu"})
+    overrides = [f"data.train_prefixes=[{byte_shards}]", f"train.run_dir={run}", *RUN,
+                 f"checkpoint.async_save={str(mode == 'async').lower()}"]
+    messages = run_distributed_test(_full_disk_rank, 2, args=(TINY, overrides), env={"DS_ACCELERATOR": "cpu"})
     assert messages[0] == messages[1]
     assert messages[0].startswith("saving checkpoint global_step10 failed on rank 1: OSError: [Errno 28] No space "
                                   "left on device")

@@ -1,6 +1,7 @@
 """Exact resume after kill -9, resume with another data-parallel size, preemption by signal,
 and the non-finite-loss guard: real `torchrun` launches of `python -m megalm.train`."""
 
+import contextlib
 import json
 import os
 import signal
@@ -13,20 +14,21 @@ import pytest
 
 from megalm.testing.distributed import DistributedTestError, free_port, run_distributed_test
 from megalm.testing.parity import train_rank
-from megalm.testing.runs import TINY, read_metrics, step_losses, train_env
+from megalm.testing.runs import REPO, TINY, read_metrics, step_losses, train_env
 
 # slow steps (32 micro-batches per step on 2 ranks) so a signal or a kill lands mid-run
 SLOW = ["train.micro_batch_size=1", "train.global_batch_size=64", "train.eval_interval=0",
         "logging.tensorboard=false", "train.precision=fp32"]
 
 
-def torchrun(run_dir: Path, prefix: str, *overrides: str, nproc: int = 2) -> subprocess.Popen:
+def torchrun(run_dir: Path, prefix: str, *overrides: str, nproc: int = 2, env: dict | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            "-m", "megalm.train", "--config", TINY, f"data.train_prefixes=[{prefix}]",
            f"train.run_dir={run_dir}", *overrides]
     log = open(run_dir.parent / f"{run_dir.name}.log", "a")  # noqa: SIM115
-    return subprocess.Popen(cmd, env=train_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(cmd, env=train_env(**(env or {})), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
 
 
 def wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: float = 240) -> None:
@@ -139,3 +141,75 @@ def test_nonfinite_loss_skips_then_aborts(byte_shards, tmp_path):
     assert rows[-1]["skipped_steps"] == 3 and rows[-1]["loss"] == "nan"
     # skipped updates leave the learning-rate schedule where it was
     assert rows[-1]["lr"] == rows[-2]["lr"]
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_makes_the_others_exit_with_one_line_and_their_stacks(byte_shards, tmp_path):
+    # the issue's case: 2 ranks under torchrun, one SIGSTOPped mid-run; before, the job hung for good
+    run_dir = tmp_path / "run"
+    proc = torchrun(run_dir, byte_shards, *SLOW, "train.steps=200", "checkpoint.interval=0",
+                    "parallel.collective_timeout_minutes=0.1")
+    wait_for_step(run_dir, proc, 3)
+    import psutil
+
+    workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "megalm.train" in " ".join(c.cmdline())]
+    assert len(workers) == 2
+    stopped = workers[1]
+    os.kill(stopped.pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:  # the live rank exits with its line; torchrun would then wait 30 s to SIGKILL the stopped one
+        while "error: step " not in (tmp_path / "run.log").read_text() and proc.poll() is None:
+            assert time.monotonic() - t0 < 150, "no rank explained the hang"
+            time.sleep(0.2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    log = (tmp_path / "run.log").read_text()
+    errors = [line for line in log.splitlines() if line.startswith("error: step ")]
+    assert errors, log[-3000:]
+    assert "a collective timed out after 0.1 min during" in errors[0] and "stacks" in errors[0]
+    assert ", in all_reduce called by" in errors[0] or ", in barrier called by" in errors[0], errors[0]
+    live = [p for p in (run_dir / "stacks").glob("rank*.txt") if "Thread" in p.read_text()]
+    assert live, "no rank dumped its stacks"
+    assert any("megalm/training/loop.py" in p.read_text() for p in live)
+
+
+SLOW_SECOND_SAVE = """import time
+import torch
+
+_save = torch.save
+
+
+def _slow(obj, f, *args, **kwargs):  # the second checkpoint's files take long to write
+    if "global_step10" in str(f):
+        time.sleep(60)
+    return _save(obj, f, *args, **kwargs)
+
+
+torch.save = _slow
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_while_an_async_save_is_written_then_resume_is_bit_identical(byte_shards, tmp_path):
+    args = [*SLOW, "train.steps=14", "checkpoint.interval=5", "checkpoint.async_save=true", "checkpoint.keep_last=0"]
+    straight = tmp_path / "straight"
+    finish(torchrun(straight, byte_shards, *args), straight)
+    assert (straight / "checkpoints" / "latest").read_text() == "global_step14"
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_SECOND_SAVE)  # imported by every python of the job
+    killed = tmp_path / "killed"
+    proc = torchrun(killed, byte_shards, *args, env={"PYTHONPATH": f"{hook}:{REPO}"})
+    wait_for_step(killed, proc, 12)  # training went on past step 10 while its files were written
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    root = killed / "checkpoints"
+    assert (root / "latest").read_text() == "global_step5" and (root / "global_step10.saving").is_dir()
+    blocked = [r["save_blocked_s"] for r in read_metrics(killed) if "save_blocked_s" in r]
+    assert len(blocked) == 2 and blocked[1] < 30  # the slow save did not block training
+    finish(torchrun(killed, byte_shards, *args), killed)  # resumes from global_step5
+    a, b = step_losses(straight), step_losses(killed)
+    assert [b[s] for s in range(6, 15)] == [a[s] for s in range(6, 15)]  # bit-identical
