@@ -39,6 +39,7 @@ setup(
         "mpi": ["mpi4py>=3.1"],
         "hf": ["transformers>=5.24,<6"],
         "wandb": ["wandb>=0.19"],
+        "eval": ["lm-eval>=0.4.8"],
         "dev": [
             "pytest>=8.0",
             "ruff>=0.5",
@@ -48,6 +49,8 @@ setup(
             "sacrebleu>=2.3",
             "rouge-score>=0.1.2",
             "wandb>=0.19",
+            "lm-eval>=0.4.8",
+            "accelerate>=0.26",  # lm-eval's Hugging Face backend, which the harness test compares with
         ],
     },
     entry_points={

@@ -1,4 +1,4 @@
-"""tools/evaluate.py: loss and perplexity of a checkpoint on shards or text; BLEU/ROUGE on references."""
+"""tools/evaluate.py: loss and perplexity of a checkpoint on shards or text; BLEU/ROUGE on references; lm-evaluation-harness tasks."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 from megalm.errors import MegalmError, run_cli
 from megalm.inference import evaluate as ev
 from megalm.inference.generate import Sampling, generate
+from megalm.inference.harness import run_tasks
 from megalm.inference.load import load_model
 
 
@@ -24,13 +25,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--references", help="JSONL of {\"prompt\", \"reference\"}: BLEU and ROUGE of greedy outputs")
     p.add_argument("--max-new-tokens", type=int, default=64, help="generation length for --references")
+    p.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated (pip install 'megalm[eval]')")
+    p.add_argument("--include-path", help="a directory of lm-eval task YAMLs (local tasks)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    if not (a.data_prefix or a.text_file or a.references):
-        raise MegalmError("give --data-prefix, --text-file or --references")
+    if not (a.data_prefix or a.text_file or a.references or a.tasks):
+        raise MegalmError("give --data-prefix, --text-file, --references or --tasks")
     model, codec = load_model(a.checkpoint, a.hf)
     seq_len = a.seq_len or model.cfg.max_seq_len
     if not 0 < seq_len <= model.cfg.max_seq_len:
@@ -48,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         hyps = [codec.completion(p, [t for t in new if t != codec.eod]) for p, new in zip(prompts, gen.tokens, strict=True)]
         out.update(ev.bleu_rouge(hyps, [r for _, r in pairs]))
         out["references"] = len(pairs)
+    if a.tasks:
+        tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+        out["tasks"] = run_tasks(model, codec, tasks, include_path=a.include_path, limit=a.limit,
+                                 batch_size=a.batch_size)
     print(json.dumps(out))
     return 0
 

@@ -188,6 +188,15 @@ class TrainConfig:
     """Validation batches per evaluation."""
     max_nonfinite_steps: int = 5
     """Abort after this many consecutive steps with a non-finite loss (each one is skipped)."""
+    eval_tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks run on the training model every eval_tasks_interval steps
+    (pip install 'megalm[eval]'); results go to the metrics as lm_eval/TASK/METRIC."""
+    eval_tasks_interval: int = 0
+    """Steps between lm-eval runs (0: never)."""
+    eval_tasks_include_path: str = ""
+    """A directory of lm-eval task YAMLs (local tasks)."""
+    eval_tasks_limit: int = 0
+    """At most this many examples per task (0: all)."""
     compile: bool = False
     """torch.compile the model (DeepSpeed's engine.compile()): faster steps after a slow first one."""
 

@@ -168,6 +168,13 @@ def _validate_rest(cfg: Config) -> None:
     for key in ("log_interval", "eval_steps", "max_nonfinite_steps"):
         _check(getattr(t, key) > 0, f"train.{key} must be positive")
     _check(t.eval_interval >= 0, "train.eval_interval must not be negative")
+    _check(t.eval_tasks_interval >= 0 and t.eval_tasks_limit >= 0,
+           "train.eval_tasks_interval and train.eval_tasks_limit must not be negative")
+    if t.eval_tasks and t.eval_tasks_interval:
+        p = cfg.parallel
+        _check(p.pipeline == 1 and p.context == 1,
+               "train.eval_tasks runs the model's plain forward pass: not with parallel.pipeline or parallel.context > 1 "
+               "(run tools/evaluate.py --tasks on a checkpoint instead)")
     c = cfg.checkpoint
     _check(c.interval >= 0 and c.keep_last >= 0, "checkpoint.interval and keep_last must not be negative")
     _check(cfg.logging.peak_tflops >= 0, "logging.peak_tflops must not be negative")

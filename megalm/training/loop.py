@@ -15,6 +15,8 @@ import torch.distributed as dist
 from megalm.config import Config
 from megalm.convert.universal import UniversalCheckpoint
 from megalm.errors import MegalmError
+from megalm.inference.harness import run_tasks, task_scalars
+from megalm.inference.load import TextCodec
 from megalm.parallel.dims import ParallelDims
 from megalm.parallel.launch_env import discover
 from megalm.training import checkpoint as ckpt
@@ -146,6 +148,9 @@ def _one_step(
     if cfg.train.eval_interval and state.step % cfg.train.eval_interval == 0:
         watchdog.phase = "evaluation"
         evaluate(run, state.step)
+    if cfg.train.eval_tasks and cfg.train.eval_tasks_interval and state.step % cfg.train.eval_tasks_interval == 0:
+        watchdog.phase = "lm-eval tasks"
+        evaluate_tasks(run, state.step)
     watchdog.phase = "the preemption check"
     stop = preempt.should_stop(run.rt.device)
     interval = cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0
@@ -243,6 +248,28 @@ def evaluate(run: Run, step: int) -> float:
     val_loss = mean.item()
     run.logger.log(step, {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
     return val_loss
+
+
+@torch.no_grad()
+def evaluate_tasks(run: Run, step: int) -> dict[str, float]:
+    """Every rank runs train.eval_tasks (lm-eval) on the model as it is; rank 0 logs the results."""
+    t = run.cfg.train
+    model = run.rt.engine.ds.module
+    model.eval()
+    streams = ckpt.rng_state(run.rt.engine.tp.rng)  # lm-eval seeds the global generators: put them back
+    try:
+        results = run_tasks(model, TextCodec(run.rt.data.tokenizer, run.rt.data.tokenizer.eod, run.rt.data.tokenizer.pad),
+                            t.eval_tasks, include_path=t.eval_tasks_include_path or None,
+                            limit=t.eval_tasks_limit or None)
+    finally:
+        model.train()
+        ckpt.set_rng_state(streams, run.rt.engine.tp.rng)
+    scalars = task_scalars(results)
+    run.logger.log(step, scalars, quiet=True)
+    if dist.get_rank() == 0 and run.cfg.logging.console:
+        print(f"step {step:>6} | " + " | ".join(f"{k.removeprefix('lm_eval/')} {v:.4g}" for k, v in scalars.items()),
+              flush=True)
+    return scalars
 
 
 def _log_step(run: Run, state: TrainState, loss: float, lr: float, seconds: float, wait: float) -> None:

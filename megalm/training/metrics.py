@@ -117,7 +117,8 @@ class MetricsLogger:
         record = {"step": step, **{k: _finite_or_str(v) for k, v in scalars.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
-        tagged = {f"train/{key}" if "val" not in key else f"eval/{key}": value for key, value in scalars.items()}
+        tagged = {key if key.startswith("lm_eval/") else f"train/{key}" if "val" not in key else f"eval/{key}": value
+                  for key, value in scalars.items()}
         if self._writer is not None:
             for tag, value in tagged.items():
                 self._writer.add_scalar(tag, value, step)

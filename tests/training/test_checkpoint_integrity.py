@@ -94,10 +94,14 @@ def test_damaged_latest_falls_back_to_the_intact_checkpoint_and_continues_exactl
     out = tmp_path / "hf"
     tool = subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), "to-hf", "--checkpoint",
                            str(straight), "--output", str(out)], env=train_env(), capture_output=True, text=True)
+    line = (f"error: checkpoint {ten} is damaged: {model} is truncated ({files[model.name]['size'] - 1000} of "
+            f"{files[model.name]['size']} bytes); the newest intact checkpoint is {ten.parent / 'global_step5'}")
     assert tool.returncode == 2 and not out.exists(), tool.stderr
-    assert tool.stderr.strip().splitlines()[-1] == (
-        f"error: checkpoint {ten} is damaged: {model} is truncated ({files[model.name]['size'] - 1000} of "
-        f"{files[model.name]['size']} bytes); the newest intact checkpoint is {ten.parent / 'global_step5'}")
+    assert tool.stderr.strip().splitlines()[-1] == line
+    for args in (["generate.py", "--prompt", "a"], ["evaluate.py", "--text-file", str(model)]):
+        other = subprocess.run([sys.executable, str(REPO / "tools" / args[0]), "--checkpoint", str(straight), *args[1:]],
+                               env=train_env(), capture_output=True, text=True)
+        assert other.returncode == 2 and other.stderr.strip().splitlines()[-1] == line, other.stderr[-2000:]
 
     # training: fallback off says what to do; on (the default) resumes at step 5 with a warning
     refused = _train_cli(straight, byte_shards, "checkpoint.fallback=false", "train.steps=12")
