@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch.distributed as dist
-
 from megalm.config import Config, describe, describe_markdown, load_config
 from megalm.errors import run_cli
 from megalm.parallel.launch_env import discover
@@ -50,9 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(cfg.to_yaml())
         return 0
     train(cfg)
-    if dist.is_initialized():
-        dist.destroy_process_group()  # join the communication threads before the interpreter exits
-    return 0
+    return 0  # run_cli destroys the process groups
 
 
 if __name__ == "__main__":

@@ -86,3 +86,45 @@ def test_console_scripts_cover_every_tool_and_exit_2_on_user_errors():
     r = subprocess.run([sys.executable, "-c", "from megalm.cli.entry import train; train()",
                         "--config", "nope.yaml"], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip() == "error: config file not found: nope.yaml"
+
+
+EXIT_SCRIPT = """
+import atexit, sys
+import torch, torch.distributed as dist
+from megalm.errors import MegalmError, run_cli
+
+class Finalized:
+    def __del__(self):
+        print("finalized", flush=True)  # runs only in the interpreter's teardown
+
+KEEP = Finalized()
+atexit.register(lambda: print("exit handler", flush=True))
+if sys.argv[2] != "alone":
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=0, world_size=1)
+    dist.all_reduce(torch.ones(2))
+
+def main():
+    if sys.argv[1] == "fail":
+        raise MegalmError("bad input")
+    return int(sys.argv[1])
+
+run_cli(main)
+"""
+
+
+def test_distributed_rank_exits_without_interpreter_teardown(tmp_path):
+    """A rank of a distributed job runs the exit handlers, keeps its exit code and its one error line,
+    then ends without the interpreter's teardown (where gloo's threads could abort it with exit 134)."""
+    from megalm.parallel.spawn import free_port
+
+    script = tmp_path / "rank.py"
+    script.write_text(EXIT_SCRIPT)
+    for arg, code in (("0", 0), ("3", 3), ("fail", 2)):
+        r = subprocess.run([sys.executable, str(script), arg, str(free_port())], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == code, r.stderr
+        assert "exit handler" in r.stdout and "finalized" not in r.stdout, r.stdout
+        if arg == "fail":
+            assert r.stderr.strip().splitlines()[-1] == "error: bad input", r.stderr
+    r = subprocess.run([sys.executable, str(script), "0", "alone"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "finalized" in r.stdout, r.stdout + r.stderr  # a single process exits normally
