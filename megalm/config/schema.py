@@ -217,7 +217,8 @@ class CheckpointConfig:
     """Write checkpoints in the background: training is blocked only while each rank copies its
     state to host memory; a writer thread per rank writes the files while training continues, and
     `latest` names the checkpoint once every rank has finished (checked at each step). Costs host
-    memory for one copy of the rank's checkpoint; the next save waits for the previous one."""
+    memory for one copy of the rank's checkpoint, reserved after the first step and kept for the
+    run (page-locked on GPUs); the next save waits for the previous one."""
     fallback: bool = True
     """With load=auto: when the checkpoint `latest` names is damaged (a file missing, truncated or
     corrupt against its manifest), resume from the newest intact one, saying so in one line. An

@@ -153,6 +153,28 @@ def start_async_save(
     return PendingSave(root, staging, tag, keep_last)
 
 
+def reserve_async_save(engine: Engine, root: Path, writer: BackgroundWriter) -> None:
+    """Collective, after the first optimizer step (when the optimizer's states exist): a save that
+    writes nothing tells each rank the tensors of its checkpoint files; the writer reserves host
+    buffers for them and maps their pages in the background, so the first save only copies, as
+    every later one does. A rank without the host memory for its copy learns it now, not at the
+    first save."""
+    staging = root / ("global_step_reserve" + SAVING)  # pruned like any half-written save if killed
+    if dist.get_rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+
+    def reserve(state_dict: Any, path: str, *args: Any, **kwargs: Any) -> None:
+        writer.copies.reserve(state_dict, Path(path).name)
+
+    with seams.checkpoint_writes(engine.ds, reserve):
+        engine.ds.save_checkpoint(str(root), tag=staging.name, save_latest=False)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(staging, ignore_errors=True)  # the directory DeepSpeed made (and its recovery script)
+    writer.touch_copies()
+
+
 def finish_async_save(pending: PendingSave, writer: BackgroundWriter, *, wait: bool) -> bool:
     """Collective: when every rank's writer is done (after waiting for this rank's, with `wait`),
     publish the save as save_checkpoint does (manifest, rename, `latest`, pruning) and return True;

@@ -161,6 +161,9 @@ def _one_step(
         watchdog.phase = "checking the background checkpoint writes"
         if ckpt.finish_async_save(run.pending, run.writer, wait=False):
             run.pending = None
+    elif run.writer is not None and not run.writer.copies.by_file:  # after the first step: every state exists
+        watchdog.phase = "reserving host memory for asynchronous saves"
+        ckpt.reserve_async_save(run.rt.engine, Path(cfg.train.run_dir) / "checkpoints", run.writer)
     return state, stop
 
 

@@ -147,3 +147,32 @@ def test_preemption_flag():
         assert flag.should_stop() and flag.received == signal.SIGUSR1
     finally:
         flag.uninstall()
+
+
+def test_host_copies_are_detached_and_reused_from_save_to_save():
+    from collections import OrderedDict
+
+    from megalm.training.async_save import HostCopies
+
+    weights, moments = torch.randn(4, 3), torch.randn(5)
+    state = {"module": OrderedDict(w=weights), "optimizer": [moments, (moments, "adam")], "step": 7}
+    copies = HostCopies()
+    first = copies.snapshot(state, "model_states.pt")
+    assert isinstance(first["module"], OrderedDict) and first["step"] == 7 and first["optimizer"][1][1] == "adam"
+    saved = weights.clone()
+    weights.add_(1.0)  # training goes on: the snapshot keeps the values of the save
+    assert torch.equal(first["module"]["w"], saved) and torch.equal(first["optimizer"][0], moments)
+    second = copies.snapshot(state, "model_states.pt")
+    assert torch.equal(second["module"]["w"], weights)
+    assert second["module"]["w"].data_ptr() == first["module"]["w"].data_ptr()  # the same host buffer
+    other = copies.snapshot({"w": torch.zeros(2)}, "optim_states.pt")  # another file: its own buffers
+    assert other["w"].data_ptr() not in {t.data_ptr() for t in copies.by_file["model_states.pt"]}
+    grown = copies.snapshot({"w": torch.ones(3)}, "optim_states.pt")  # a new shape: a new buffer
+    assert grown["w"].shape == (3,) and torch.equal(grown["w"], torch.ones(3))
+    reserved = HostCopies()  # reserved ahead of the first save (and mapped by touch): that save only copies
+    reserved.reserve(state, "model_states.pt")
+    reserved.touch()
+    ahead = {t.data_ptr() for t in reserved.by_file["model_states.pt"]}
+    first = reserved.snapshot(state, "model_states.pt")
+    assert {first["module"]["w"].data_ptr(), first["optimizer"][0].data_ptr()} <= ahead
+    assert torch.equal(first["module"]["w"], weights)
