@@ -57,3 +57,22 @@ def test_a_users_mistake_on_a_rank_is_one_line_for_the_cli():
     assert str(e.value) == "converted shape (3,) != model shape (4,)"
     assert isinstance(e.value, DistributedTestError)  # and still the harness's error, traceback attached
     assert "rank 1 of 2" in "".join(e.value.__notes__) and "_user_error_on_rank_1" in "".join(e.value.__notes__)
+
+
+def _print_rank():
+    import sys
+
+    # one write per line (two ranks share the file); not flushed: the harness flushes before it reports
+    sys.stdout.write(f"stdout of rank {dist.get_rank()}\n")
+    sys.stderr.write(f"stderr of rank {dist.get_rank()}\n")
+
+
+def test_what_a_rank_prints_reaches_the_callers_current_output(capfd):
+    # the ranks fork from a server started by an earlier call (the first test of the suite, under
+    # another capture): they must write to the files descriptors 1 and 2 name now, as pytest's capfd
+    run_distributed_test(_sum_ranks, world_size=2)
+    capfd.readouterr()
+    run_distributed_test(_print_rank, world_size=2)
+    captured = capfd.readouterr()
+    assert sorted(captured.out.splitlines()) == ["stdout of rank 0", "stdout of rank 1"]
+    assert "stderr of rank 0" in captured.err and "stderr of rank 1" in captured.err

@@ -14,7 +14,9 @@ Ranks are forked from a server process that has imported torch, DeepSpeed and th
 (multiprocessing's forkserver, started at the first call): a rank starts in a tenth of a second
 instead of re-importing them (seconds each). Each rank takes the caller's current environment and
 working directory, as a spawned process would; only the preloaded modules saw the environment of the
-first call (DS_ACCELERATOR, for one, is read when DeepSpeed is imported).
+first call (DS_ACCELERATOR, for one, is read when DeepSpeed is imported). Its standard output and
+error are the caller's at the time of the call (passed as file descriptors), not the server's: what
+a rank prints lands where the caller's own prints do now (pytest's capfd, a redirected log).
 
 The checkpoint writer runs on it in production; megalm.testing.distributed re-exports it as the
 test harness (`run_distributed_test`).
@@ -26,9 +28,11 @@ import os
 import pickle
 import queue
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable
+from multiprocessing import reduction
 from typing import Any
 
 import torch
@@ -55,9 +59,37 @@ def free_port() -> int:
 PRELOAD = ["megalm.training.loop"]  # torch, DeepSpeed and the trainer: what a rank spends its start on
 
 
+class CallerStdio:
+    """The caller's stdout and stderr, sent to a forked rank as file descriptors.
+
+    A forkserver's children inherit the server's descriptors 1 and 2, fixed when it started (during
+    whichever call came first); pickling this object while the process starts duplicates the
+    caller's current ones into the rank, where `attach` puts them in place.
+    """
+
+    def __init__(self, fds: tuple[int, ...] = (1, 2)) -> None:
+        self.fds = fds
+
+    def __reduce__(self) -> tuple:
+        return (_AttachedFds, (tuple(reduction.DupFd(fd) for fd in self.fds),))
+
+
+class _AttachedFds:
+    def __init__(self, handles: tuple) -> None:
+        self.handles = handles
+
+    def attach(self) -> None:
+        for target, handle in zip((1, 2), self.handles, strict=True):
+            fd = handle.detach()
+            os.dup2(fd, target)
+            os.close(fd)
+
+
 def _worker(
-    rank: int, world_size: int, port: int, fn: Callable, args: tuple, env: dict, cwd: str, results: Any
+    rank: int, world_size: int, port: int, fn: Callable, args: tuple, env: dict, cwd: str, results: Any,
+    stdio: _AttachedFds
 ) -> None:
+    stdio.attach()
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
@@ -66,17 +98,20 @@ def _worker(
     torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        value = fn(*args)
         # plain pickle bytes: torch's queue pickler would share tensors through file descriptors
         # that vanish when this process exits
-        results.put((rank, "ok", pickle.dumps(value)))
+        outcome = (rank, "ok", pickle.dumps(fn(*args)))
     except MegalmError as e:
-        results.put((rank, "user", (str(e), traceback.format_exc())))
+        outcome = (rank, "user", (str(e), traceback.format_exc()))
     except BaseException:  # noqa: BLE001 - every failure goes back to the parent
-        results.put((rank, "error", traceback.format_exc()))
+        outcome = (rank, "error", traceback.format_exc())
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    # what the rank printed is in the caller's files before the caller has the result
+    sys.stdout.flush()
+    sys.stderr.flush()
+    results.put(outcome)
 
 
 def spawn(
@@ -93,7 +128,8 @@ def spawn(
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", **(env or {})}
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, env, os.getcwd(), results), daemon=True)
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, env, os.getcwd(), results, CallerStdio()),
+                    daemon=True)
         for r in range(world_size)
     ]
     for p in procs:
