@@ -11,12 +11,15 @@ turns it into one line naming the step and the phase the rank was in:
 Before the timeout fires, faulthandler has written every thread's stack of the rank into
 RUN_DIR/stacks/rank{R}.txt (armed for 0.9 x the timeout at each step, cancelled when the step ends),
 so the file shows where each live rank waited. `kill -USR2 PID` dumps a rank's stacks there at any
-time, for a job that is slow rather than stuck.
+time, for a job that is slow rather than stuck. The file keeps every dump under the header of its
+step, and only the current step's header beside them: a step that ends without a dump takes its
+header back, so a run of a million steps does not leave a million lines per rank.
 """
 
 from __future__ import annotations
 
 import faulthandler
+import os
 import signal
 import traceback
 from pathlib import Path
@@ -35,14 +38,21 @@ class StepWatchdog:
         self.path = Path(run_dir) / "stacks" / f"rank{rank}.txt"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file: IO[str] | None = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held for faulthandler
+        self.header: tuple[int, int] | None = None  # where the last step header starts and ends
         faulthandler.register(signal.SIGUSR2, file=self.file, all_threads=True)
 
     def arm(self, step: int) -> None:
         self.step, self.phase = step, "the step"
-        if self.file is not None:
-            self.file.write(f"--- step {step}: stacks if it takes over {0.9 * self.timeout_minutes:g} min ---\n")
-            self.file.flush()
-            faulthandler.dump_traceback_later(0.9 * self.timeout_minutes * 60, file=self.file)
+        if self.file is None:
+            return
+        size = os.fstat(self.file.fileno()).st_size  # faulthandler writes to the descriptor itself
+        if self.header is not None and self.header[1] == size:  # nothing was dumped under it
+            self.file.truncate(self.header[0])
+            size = self.header[0]
+        self.file.write(f"--- step {step}: stacks if it takes over {0.9 * self.timeout_minutes:g} min ---\n")
+        self.file.flush()
+        self.header = (size, os.fstat(self.file.fileno()).st_size)
+        faulthandler.dump_traceback_later(0.9 * self.timeout_minutes * 60, file=self.file)
 
     def disarm(self) -> None:
         faulthandler.cancel_dump_traceback_later()

@@ -43,3 +43,24 @@ def test_a_collective_timeout_becomes_one_line_naming_step_phase_and_caller(tmp_
                                 "stopped or is far behind; [gloo")
     assert str(line).endswith(f"Python stack is in {tmp_path}/stacks/rank*.txt")
     assert (tmp_path / "stacks" / "rank3.txt").read_text().startswith("--- step 7:")
+
+
+def test_the_stacks_file_keeps_dumps_and_only_the_current_step_header(tmp_path):
+    import os
+    import signal
+
+    dog = StepWatchdog(tmp_path, 0, timeout_minutes=10)
+    try:
+        for step in range(1, 1001):  # steps that end in time leave nothing behind
+            dog.arm(step)
+            dog.disarm()
+        dog.arm(1001)
+        os.kill(os.getpid(), signal.SIGUSR2)  # a dump by hand, as for a slow job
+        dog.disarm()
+        dog.arm(1002)
+    finally:
+        dog.close()
+    text = (tmp_path / "stacks" / "rank0.txt").read_text()
+    headers = [line for line in text.splitlines() if line.startswith("--- step")]
+    assert [h.split(":")[0] for h in headers] == ["--- step 1001", "--- step 1002"]
+    assert "test_the_stacks_file_keeps_dumps" in text.split("--- step 1002")[0]  # the dump, under its step
