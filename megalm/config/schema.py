@@ -190,7 +190,8 @@ class TrainConfig:
     """Abort after this many consecutive steps with a non-finite loss (each one is skipped)."""
     eval_tasks: list[str] = field(default_factory=list)
     """lm-evaluation-harness tasks run on the training model every eval_tasks_interval steps
-    (pip install 'megalm[eval]'); results go to the metrics as lm_eval/TASK/METRIC."""
+    (pip install 'megalm[eval]'); results go to the metrics as lm_eval/TASK/METRIC. The names and
+    each task's data are checked at start-up: an unknown task or data out of reach is one line then."""
     eval_tasks_interval: int = 0
     """Steps between lm-eval runs (0: never)."""
     eval_tasks_include_path: str = ""

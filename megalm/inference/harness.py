@@ -102,11 +102,8 @@ def make_adapter(model: torch.nn.Module, codec: TextCodec, batch_size: int = 8) 
     return MegalmLM()
 
 
-def run_tasks(model: torch.nn.Module, codec: TextCodec, tasks: list[str], *, include_path: str | None = None,
-              limit: int | None = None, batch_size: int = 8) -> dict[str, dict[str, float]]:
-    """Run lm-eval `tasks` on the model; {task: {metric: value}} (lm-eval's "metric,filter" keys),
-    {} on the ranks lm-eval does not aggregate on (LOCAL_RANK > 0)."""
-    lm_eval = _lm_eval()
+def _task_manager(tasks: list[str], include_path: str | None) -> Any:
+    """lm-eval's TaskManager, after checking that it knows every task name."""
     from lm_eval.tasks import TaskManager  # noqa: PLC0415 - optional
 
     manager = TaskManager(include_path=include_path)
@@ -114,8 +111,40 @@ def run_tasks(model: torch.nn.Module, codec: TextCodec, tasks: list[str], *, inc
     if unknown:
         raise MegalmError(f"lm-eval knows no task {unknown[0]!r}" + ("" if include_path else
                           " (local task YAMLs: --include-path DIR)"))
-    results = lm_eval.simple_evaluate(model=make_adapter(model, codec, batch_size), tasks=tasks,
-                                      task_manager=manager, limit=limit, bootstrap_iters=0, log_samples=False)
+    return manager
+
+
+def _data_error(task: str, error: OSError) -> MegalmError:
+    return MegalmError(
+        f"lm-eval could not load the data of task {task!r}: {type(error).__name__}: {str(error).strip()[:300]} "
+        "(download it once with network access, HF_DATASETS_OFFLINE unset, or point a local task YAML at "
+        "files you have)")
+
+
+def check_tasks(tasks: list[str], *, include_path: str | None = None) -> None:
+    """Load each task and its data once (into the datasets cache): a name lm-eval does not know, or
+    data it cannot reach (offline, a missing file), is one line now instead of at the first
+    evaluation, hours into a run."""
+    _lm_eval()
+    manager = _task_manager(tasks, include_path)
+    for task in tasks:
+        try:
+            manager.load([task])
+        except OSError as e:  # ConnectionError, FileNotFoundError, datasets' DatasetNotFoundError
+            raise _data_error(task, e) from None
+
+
+def run_tasks(model: torch.nn.Module, codec: TextCodec, tasks: list[str], *, include_path: str | None = None,
+              limit: int | None = None, batch_size: int = 8) -> dict[str, dict[str, float]]:
+    """Run lm-eval `tasks` on the model; {task: {metric: value}} (lm-eval's "metric,filter" keys),
+    {} on the ranks lm-eval does not aggregate on (LOCAL_RANK > 0)."""
+    lm_eval = _lm_eval()
+    manager = _task_manager(tasks, include_path)
+    try:
+        results = lm_eval.simple_evaluate(model=make_adapter(model, codec, batch_size), tasks=tasks,
+                                          task_manager=manager, limit=limit, bootstrap_iters=0, log_samples=False)
+    except OSError as e:  # lm-eval loads every task's data before it runs the model
+        raise _data_error(",".join(tasks), e) from None
     if results is None:  # lm-eval aggregates on LOCAL_RANK 0 only; the other ranks ran the same forwards
         return {}
     return {task: {k: v for k, v in metrics.items() if "," in k and isinstance(v, (int, float))}

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from megalm.config import Config
 from megalm.convert.universal import UniversalCheckpoint
 from megalm.errors import MegalmError
-from megalm.inference.harness import run_tasks, task_scalars
+from megalm.inference.harness import check_tasks, run_tasks, task_scalars
 from megalm.inference.load import TextCodec
 from megalm.parallel.dims import ParallelDims
 from megalm.parallel.launch_env import discover
@@ -61,6 +61,8 @@ def setup(cfg: Config) -> Run:
     if target is not None and CheckpointMeta.read(target[0] / target[1]).kind == "universal":
         universal = UniversalCheckpoint.open(target[0] / target[1])
         universal.check_model(cfg)
+    if cfg.train.eval_tasks and cfg.train.eval_tasks_interval:  # before the model: names and data reachable
+        check_tasks(cfg.train.eval_tasks, include_path=cfg.train.eval_tasks_include_path or None)
     rt = bootstrap(cfg, data=True, announce=cfg.logging.console,
                    prepare_model=universal.weight_loader(cfg) if universal else None)
     run_dir = Path(cfg.train.run_dir)

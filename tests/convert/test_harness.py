@@ -83,7 +83,8 @@ def test_tasks_on_a_checkpoint_equal_lm_evals_hf_backend_on_the_export(checkpoin
     assert 1 < ours["megalm_ppl"]["byte_perplexity,none"] < 257  # a trained byte model: better than uniform
 
 
-def test_unknown_task_is_one_line(tmp_path):
+def _tiny_hf(path: Path) -> Path:
+    """A one-layer Hugging Face Llama with the byte tokenizer: enough for lm-eval to start."""
     import torch
     import transformers
 
@@ -94,13 +95,39 @@ def test_unknown_task_is_one_line(tmp_path):
                                    num_attention_heads=2, max_position_embeddings=64, bos_token_id=None,
                                    eos_token_id=256, pad_token_id=256)
     torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
-    export_tokenizer(ByteTokenizer(), tmp_path)
-    run = subprocess.run([sys.executable, str(REPO / "tools" / "evaluate.py"), "--hf", str(tmp_path), "--tasks",
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    export_tokenizer(ByteTokenizer(), path)
+    return path
+
+
+def test_unknown_task_is_one_line(tmp_path):
+    run = subprocess.run([sys.executable, str(REPO / "tools" / "evaluate.py"), "--hf", str(_tiny_hf(tmp_path)), "--tasks",
                           "no_such_task"], env=train_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines()[-1] == ("error: lm-eval knows no task 'no_such_task' (local task YAMLs: "
                                                    "--include-path DIR)")
+
+
+def test_task_data_that_cannot_be_loaded_is_one_line_in_the_tool_and_before_training(byte_shards, tmp_path):
+    # a task whose data is out of reach (here a missing file; offline, the Hub): one line, exit 2,
+    # from the tool and from a training run at start-up, not hours in at the first evaluation
+    from megalm.testing.runs import TINY
+
+    tasks = _write_tasks(tmp_path)
+    (tasks / "mc.jsonl").unlink()
+    tool = subprocess.run([sys.executable, str(REPO / "tools" / "evaluate.py"), "--hf", str(_tiny_hf(tmp_path / "hf")),
+                           "--tasks", "megalm_ppl,megalm_mc", "--include-path", str(tasks)],
+                          env=train_env(), capture_output=True, text=True, timeout=300)
+    run = tmp_path / "run"
+    train = subprocess.run([sys.executable, "-m", "megalm.train", "--config", TINY, f"data.train_prefixes=[{byte_shards}]",
+                            f"train.run_dir={run}", "train.eval_tasks=[megalm_ppl,megalm_mc]", "train.eval_tasks_interval=2",
+                            f"train.eval_tasks_include_path={tasks}"],
+                           env=train_env(), capture_output=True, text=True, timeout=300)
+    for r, task in ((tool, "megalm_ppl,megalm_mc"), (train, "megalm_mc")):
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        line = r.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"error: lm-eval could not load the data of task '{task}': FileNotFoundError"), line
+    assert not (run / "metrics.jsonl").exists()  # nothing trained
 
 
 @pytest.mark.slow
