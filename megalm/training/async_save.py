@@ -13,6 +13,14 @@ small all-reduce); the next save, the end of training and a preemption wait for 
 A job killed while writes are in flight leaves global_stepN.saving, never named by `latest`: the
 run resumes from the previous checkpoint. A write that fails (disk full) is reported by poll() on
 every rank as the same one line the synchronous path gives, and the half-written save is removed.
+
+Why not DeepSpeed's DecoupledCheckpointEngine (0.19.8): it commits at the next optimizer step and
+waits there until every file is written, so a save that takes longer than one step still stalls
+training; it hands the live state dict to its writer process without a snapshot (CUDA tensors go
+by IPC handle, and the next step changes them); it writes `latest` itself, outside the manifest and
+rename that every megalm save goes through; and its fast writer needs DeepSpeed's async I/O op
+built. The writer here takes over the same hook (`engine.checkpoint_engine.save`, see
+megalm.seams) and keeps DeepSpeed's file layout.
 """
 
 from __future__ import annotations
