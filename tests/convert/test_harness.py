@@ -108,6 +108,7 @@ def test_unknown_task_is_one_line(tmp_path):
                                                    "--include-path DIR)")
 
 
+@pytest.mark.slow
 def test_task_data_that_cannot_be_loaded_is_one_line_in_the_tool_and_before_training(byte_shards, tmp_path):
     # a task whose data is out of reach (here a missing file; offline, the Hub): one line, exit 2,
     # from the tool and from a training run at start-up, not hours in at the first evaluation
