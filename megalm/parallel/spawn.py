@@ -67,11 +67,8 @@ class CallerStdio:
     caller's current ones into the rank, where `attach` puts them in place.
     """
 
-    def __init__(self, fds: tuple[int, ...] = (1, 2)) -> None:
-        self.fds = fds
-
     def __reduce__(self) -> tuple:
-        return (_AttachedFds, (tuple(reduction.DupFd(fd) for fd in self.fds),))
+        return (_AttachedFds, ((reduction.DupFd(1), reduction.DupFd(2)),))
 
 
 class _AttachedFds:
