@@ -70,6 +70,13 @@ def backend_for_device() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def communication_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where a tensor sent through `group` must live: this rank's GPU for NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def init_distributed(
     launch: LaunchEnv | None = None,
     backend: str | None = None,

@@ -48,6 +48,7 @@ import torch.distributed as dist
 
 from megalm import seams
 from megalm.errors import MegalmError
+from megalm.parallel.groups import communication_device
 from megalm.parallel.random import TensorParallelRNG
 from megalm.training import manifest
 from megalm.training.async_save import BackgroundWriter, queued_save
@@ -181,7 +182,7 @@ def finish_async_save(pending: PendingSave, writer: BackgroundWriter, *, wait: b
     else False. A failed write on any rank stops every rank with one line (as save_checkpoint)."""
     if wait:
         writer.wait()
-    done = torch.tensor([1.0 if writer.idle() else 0.0])
+    done = torch.tensor([1.0 if writer.idle() else 0.0], device=communication_device())
     dist.all_reduce(done, op=dist.ReduceOp.MIN)
     if done.item() < 1.0:
         return False

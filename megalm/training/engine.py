@@ -35,8 +35,10 @@ def device_type() -> str:
 def init_deepspeed_runtime(timeout_minutes: float) -> None:
     """Hand our already-initialised torch.distributed group to deepspeed.comm (no MPI discovery)."""
     import deepspeed  # noqa: PLC0415 - heavy
+    from deepspeed.accelerator import get_accelerator  # noqa: PLC0415 - heavy
 
-    seams.skip_op_build("deepspeed_shm_comm")  # an inference all-reduce; its build costs ~90 s on CPU
+    if get_accelerator().device_name() == "cpu":  # a CPU op: CUDA's table has none (and probing it runs nvcc)
+        seams.skip_op_build("deepspeed_shm_comm")  # an inference all-reduce; its build costs ~90 s on CPU
     deepspeed.init_distributed(
         dist_backend=torch.distributed.get_backend(),
         auto_mpi_discovery=False,

@@ -154,7 +154,7 @@ def _one_step(
         watchdog.phase = "lm-eval tasks"
         evaluate_tasks(run, state.step)
     watchdog.phase = "the preemption check"
-    stop = preempt.should_stop(run.rt.device)
+    stop = preempt.should_stop()
     interval = cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0
     if stop or interval:
         watchdog.phase = "saving a checkpoint"

@@ -15,6 +15,7 @@ from torch import nn
 
 from megalm.config import OptimizerConfig
 from megalm.model.gpt import Embedding, Head
+from megalm.parallel.groups import communication_device
 
 
 def embedding_parameters(model: nn.Module) -> set[int]:
@@ -45,13 +46,6 @@ def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def _communication_device(group: dist.ProcessGroup | None) -> torch.device:
-    """Where a tensor all-reduced over `group` must live: the GPU for NCCL, else the CPU."""
-    if dist.is_initialized() and dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 class GuardedAdamW(torch.optim.AdamW):
     """torch AdamW that skips the whole update when any gradient on any rank is non-finite.
 
@@ -69,7 +63,7 @@ class GuardedAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch's signature
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        bad = torch.zeros(1, device=_communication_device(self.guard_group))
+        bad = torch.zeros(1, device=communication_device(self.guard_group))
         if grads:  # one fused pass: the norm of the gradients is finite exactly when every entry is
             bad += (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).float().to(bad.device)
         if dist.is_initialized():

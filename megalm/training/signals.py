@@ -12,6 +12,8 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
+from megalm.parallel.groups import communication_device
+
 
 class PreemptionFlag:
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -33,9 +35,9 @@ class PreemptionFlag:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = signum
 
-    def should_stop(self, device: str | torch.device = "cpu") -> bool:
+    def should_stop(self) -> bool:
         """Collective when distributed: true on every rank if any rank received a signal."""
-        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=device)
+        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=communication_device())
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megalm.parallel.groups import communication_device
+
 
 @dataclass
 class StragglerMonitor:
@@ -50,7 +52,7 @@ class StragglerMonitor:
 
     def report(self, step: int) -> tuple[dict[str, float], str | None]:
         """Collective: (scalars for the metrics, a warning line or None); resets the window."""
-        mine = torch.tensor([self.busy / self.steps], dtype=torch.float64)
+        mine = torch.tensor([self.busy / self.steps], dtype=torch.float64, device=communication_device())
         every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(every, mine)
         times = [float(t) for t in every]
