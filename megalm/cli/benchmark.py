@@ -4,6 +4,7 @@ transformers LlamaForCausalLM run interleaved step by step (`--compare-hf eager|
 
     python tools/benchmark.py --config configs/bench-cpu.yaml --steps 10 --compare-hf compiled
     python tools/benchmark.py --config configs/bench-cpu.yaml data.train_prefixes=[PREFIX]   # real data
+    python tools/benchmark.py --config configs/bench-gpu-1b.yaml --profile   # + top kernels of a step
     torchrun --nproc_per_node 8 tools/benchmark.py --config configs/llama-1b.yaml   # on GPUs
 """
 
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
                         "here) or fp32 weights under bf16 autocast")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="per-device peak for MFU (default: "
                         "datasheet for A100/H100/H200, else a measured bf16 matmul)")
+    parser.add_argument("--profile", action="store_true", help="profile one more step: its top kernels "
+                        "(GPU; CPU: operators) and the share of each kernel family, under \"profile\"")
     parser.add_argument("--output", help="also write the JSON here")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
@@ -40,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare_hf and discover().world_size != 1:
         raise MegalmError("--compare-hf runs in one process")
     result = benchmark(cfg, steps=args.steps, warmup=args.warmup, compare_hf=args.compare_hf,
-                       peak_tflops=args.peak_tflops, hf_precision=args.hf_precision)
+                       peak_tflops=args.peak_tflops, hf_precision=args.hf_precision, profile=args.profile)
     if not dist.is_initialized() or dist.get_rank() == 0:
         text = json.dumps(result, indent=2)
         print(text)

@@ -6,8 +6,10 @@ by step in the same process (the machine may be shared and noisy: compare ratios
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -75,7 +77,7 @@ def hf_step_fn(cfg: Config, compile_model: bool, precision: str = "bf16") -> Cal
     autocast = bf16 and precision == "autocast"
 
     def step(batch: tuple[torch.Tensor, torch.Tensor]) -> float:
-        tokens, labels = batch
+        tokens, labels = (x.to(device_type(), non_blocking=True) for x in batch)
         with torch.autocast(device_type(), dtype=torch.bfloat16, enabled=autocast):
             loss = seams.causal_lm_loss(forward, tokens, labels)
         loss.backward()
@@ -87,11 +89,70 @@ def hf_step_fn(cfg: Config, compile_model: bool, precision: str = "bf16") -> Cal
     return step
 
 
+# Kernel families of a profiled step, by the first pattern a kernel's name matches (case-insensitive).
+KERNEL_KINDS = [
+    ("attention", r"flash|fmha|attention|sdpa|flex"),
+    ("matmul", r"aten::(mm|addmm|bmm)$|gemm|sm90_xmma|cutlass|cublas|nvjet|wgmma|matmul|splitk"),
+    ("nccl", r"nccl"),
+    ("triton (fused by compile)", r"^triton_"),
+    ("optimizer", r"adam|multi_tensor|foreach|FusedOptimizer"),
+    ("memcpy/memset", r"memcpy|memset|copy_kernel|catarray"),
+    ("elementwise/reduce", r"elementwise|reduce|vectorized|softmax|norm|index|scatter|gather"),
+]
+
+
+def kernel_kind(name: str) -> str:
+    for kind, pattern in KERNEL_KINDS:
+        if re.search(pattern, name, re.IGNORECASE):
+            return kind
+    return "other"
+
+
+def profile_step(step: Callable[[], object], top: int = 30) -> dict:
+    """One call of `step` under torch.profiler: the `top` kernels by GPU time (CPU: operators by
+    self CPU time), each with its share of all kernel time, and the shares per kernel family."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    wall_us = (time.perf_counter() - t0) * 1e6
+    times: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
+    if cuda:
+        for e in prof.events():  # kernels and copies; not the annotations (ranges that span kernels)
+            if e.device_type != torch.autograd.DeviceType.CPU and not getattr(e, "is_user_annotation", False) \
+                    and not e.name.startswith(("Optimizer.", "## ", "ProfilerStep")):
+                times[e.name] += e.time_range.elapsed_us()
+                calls[e.name] += 1
+    else:
+        for e in prof.key_averages():
+            times[e.key] += e.self_cpu_time_total
+            calls[e.key] += e.count
+    total = sum(times.values()) or 1.0
+    kinds: dict[str, float] = defaultdict(float)
+    for name, us in times.items():
+        kinds[kernel_kind(name)] += us / total
+    ranked = sorted(times.items(), key=lambda kv: -kv[1])[:top]
+    return {
+        "unit": "GPU kernels" if cuda else "CPU operators (self time)",
+        "wall_ms": wall_us / 1e3, "kernel_ms": total / 1e3, "busy_fraction": total / wall_us,
+        "kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+        "top": [{"name": name[:160], "calls": calls[name], "ms": us / 1e3, "fraction": us / total}
+                for name, us in ranked],
+    }
+
+
 def benchmark(cfg: Config, *, steps: int, warmup: int, compare_hf: str | None, peak_tflops: float,
-              hf_precision: str = "bf16") -> dict:
-    """Run warmup + steps training steps (interleaved with the transformers step when asked)."""
+              hf_precision: str = "bf16", profile: bool = False) -> dict:
+    """Run warmup + steps training steps (interleaved with the transformers step when asked), then
+    with `profile` one more step under torch.profiler."""
     # enough samples (and schedule) for every step taken, the transformers steps included
-    cfg.train.steps = max(cfg.train.steps, (warmup + steps) * (2 if compare_hf else 1))
+    cfg.train.steps = max(cfg.train.steps, (warmup + steps) * (2 if compare_hf else 1) + int(profile))
     # real shards go through the trainer's own pipeline: sample index, DataLoader workers
     rt = bootstrap(cfg, data=bool(cfg.data.train_prefixes))
     batches = rt.data.train_batches(consumed_samples=0) if rt.data else synthetic_batches(cfg, rt.groups)
@@ -114,6 +175,8 @@ def benchmark(cfg: Config, *, steps: int, warmup: int, compare_hf: str | None, p
                 hf_times.append(hf_seconds)
                 hf_losses.append(hf_loss)
     result = _report(rt, times, waits, hf_times, losses, compare_hf, peak_tflops)
+    if profile:
+        result["profile"] = profile_step(lambda: train_step(rt, batches))
     result["before_steps_gib"] = before_steps
     result["steps_mem_gib"] = result["peak_mem_gib"] - before_steps  # what the steps add: activations, gradients
     if hf is not None:
