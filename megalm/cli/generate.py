@@ -25,6 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the model runs (auto: the GPU if there is one)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of text")
     return p.parse_args(argv)
 
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     sampling = Sampling(greedy=a.greedy, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     sampling.check()
     torch.manual_seed(a.seed)
-    model, codec = load_model(a.checkpoint, a.hf)
+    model, codec = load_model(a.checkpoint, a.hf, a.device)
     prompts = [codec.encode(p) for p in a.prompt]
     room = model.cfg.max_seq_len - max(map(len, prompts))
     if room <= 0:

@@ -75,10 +75,16 @@ def load_from_hf(hf_dir: str | Path) -> tuple[Any, TextCodec]:
     return build_gpt(cfg, state), TextCodec(tok, eod, pad, hf=True)
 
 
-def load_model(checkpoint: str | None, hf_dir: str | None) -> tuple[Any, TextCodec]:
-    """Exactly one of a megalm checkpoint or an HF directory."""
+def load_model(checkpoint: str | None, hf_dir: str | None, device: str = "cpu") -> tuple[Any, TextCodec]:
+    """Exactly one of a megalm checkpoint or an HF directory, on `device` ("auto": the GPU if there
+    is one, else the CPU)."""
     if (checkpoint is None) == (hf_dir is None):
         raise MegalmError("give exactly one of --checkpoint and --hf")
     if hf_dir is not None and not Path(hf_dir).is_dir():
         raise MegalmError(f"Hugging Face directory {hf_dir} does not exist")
-    return load_from_checkpoint(checkpoint) if checkpoint else load_from_hf(hf_dir)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MegalmError("--device cuda: no CUDA device is visible here (use --device cpu)")
+    model, codec = load_from_checkpoint(checkpoint) if checkpoint else load_from_hf(hf_dir)
+    return model.to(device), codec

@@ -58,12 +58,13 @@ def bootstrap(
                               collective_timeout_minutes=cfg.parallel.collective_timeout_minutes)
     cfg.validate(launch.world_size)
     groups = build_process_groups(ParallelDims.from_config(cfg.parallel, launch.world_size))
+    device = torch.device("cuda", torch.cuda.current_device()) if device_type() == "cuda" else torch.device("cpu")
     if announce:
         c = groups.dims.coords(launch.rank)
         context = f" context {c.context}" if groups.dims.context > 1 else ""
         print(f"megalm rank {launch.rank}/{launch.world_size} local {launch.local_rank} via {launch.launcher} "
               f"on {os.environ.get('SLURMD_NODENAME') or socket.gethostname()}: pipeline {c.pipeline} data {c.data}"
-              f"{context} tensor {c.tensor}", flush=True)
+              f"{context} tensor {c.tensor} ({device}, {torch.distributed.get_backend()})", flush=True)
     init_deepspeed_runtime(cfg.parallel.collective_timeout_minutes)
     torch.manual_seed(cfg.train.seed)  # equal on every rank: replicated dropout agrees across tensor ranks
     train_data = TrainData.build(cfg, groups) if data else None
@@ -72,5 +73,4 @@ def bootstrap(
     if prepare_model is not None:
         prepare_model(model, groups)
     engine = build_engine(cfg, groups, model, tp)
-    device = torch.device("cuda", torch.cuda.current_device()) if device_type() == "cuda" else torch.device("cpu")
     return Runtime(cfg, launch, groups, train_data, engine, device)
