@@ -7,11 +7,11 @@ import sys
 import pytest
 import torch
 
-from megalm.testing.runs import REPO, TINY, train_env
+from megalm.testing.runs import REPO, TINY, gpu_env, train_env
 
 
-def run_benchmark(*args: str, timeout: float = 600) -> dict:
-    r = subprocess.run([sys.executable, "tools/benchmark.py", *args], cwd=REPO, env=train_env(),
+def run_benchmark(*args: str, timeout: float = 600, env: dict[str, str] | None = None) -> dict:
+    r = subprocess.run([sys.executable, "tools/benchmark.py", *args], cwd=REPO, env=env or train_env(),
                        capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout[r.stdout.index("{"):])
@@ -53,5 +53,5 @@ def test_benchmark_rejects_bad_arguments():
 def test_gpu_path_bf16_fused_adam_flash_sdpa():
     # fused AdamW, NCCL, bf16 and the flash SDPA kernel on one GPU; MFU against the datasheet peak
     out = run_benchmark("--config", str(REPO / "configs" / "bench-gpu-1b.yaml"), "--steps", "5", "--warmup", "3",
-                        timeout=1800)
+                        timeout=1800, env=gpu_env())
     assert out["peak_source"] == "given or datasheet" and 0 < out["mfu"] < out["mfu_megatron"] < 1
