@@ -38,6 +38,9 @@ class Packing:
     start_pos: int = 0
     masks: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
     """The attention mask of `documents`, built by the first block and shared by the others."""
+    rope: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, compare=False, repr=False)
+    """RoPE's cos and sin tables (max_seq_len, head_dim), indexed by position (the model's buffers:
+    read, not recomputed, by every block); None: each block computes them from the positions."""
 
     def document_mask(self, cuda: bool) -> BlockMask | torch.Tensor:
         """The mask `document_attention` uses: a BlockMask on GPU, a dense boolean one on CPU."""

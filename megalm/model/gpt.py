@@ -24,7 +24,7 @@ from torch import nn
 from megalm.config import ModelConfig
 from megalm.errors import MegalmError
 from megalm.model.documents import Packing
-from megalm.model.layers import MLP, Attention, KVCache, build_norm
+from megalm.model.layers import MLP, Attention, KVCache, build_norm, rope_cos_sin
 from megalm.parallel.checkpointing import RecomputeInBackward, apply_activation_checkpointing
 from megalm.parallel.context import TensorParallel
 from megalm.parallel.context_parallel import chunk_positions
@@ -181,6 +181,10 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i, tp) for i in range(cfg.num_layers))
         self.final_norm = FinalNorm(cfg, tp)
         self.head = None if cfg.tie_embeddings else Head(cfg, tp)
+        if cfg.arch == "llama":  # computed once, read by every block (not in the state dict)
+            cos, sin = rope_cos_sin(torch.arange(cfg.max_seq_len), self.blocks[0].attn.head_dim, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.loss_fn = GPTLoss(cfg, tp)
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(self.blocks, tp.rng)
@@ -192,7 +196,8 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         if cache is not None and (self.tp.sequence_parallel or self.tp.context is not None):
             raise MegalmError("the KV cache (generation) does not work with sequence or context parallelism")
-        packing = Packing(positions, documents, start_pos)
+        rope = (self.rope_cos, self.rope_sin) if self.cfg.arch == "llama" else None
+        packing = Packing(positions, documents, start_pos, rope=rope)
         h = self.embedding(tokens, positions, start_pos)
         for i, block in enumerate(self.blocks):
             h = block(h, packing, None if cache is None else cache[i])

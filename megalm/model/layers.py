@@ -159,7 +159,10 @@ class Attention(nn.Module):
             positions = packing.positions
             if positions is None:
                 positions = chunk_positions(s, self.context, x.device, packing.start_pos)
-            cos, sin = rope_cos_sin(positions, self.head_dim, self.cfg.rope_theta)
+            if packing.rope is not None:
+                cos, sin = packing.rope[0][positions], packing.rope[1][positions]
+            else:
+                cos, sin = rope_cos_sin(positions, self.head_dim, self.cfg.rope_theta)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, packing.start_pos)

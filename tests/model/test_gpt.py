@@ -143,3 +143,26 @@ def test_errors_name_the_fix():
         model(_tokens(s=20))
     with pytest.raises(MegalmError, match="KV cache holds 8"):
         model.logits_full(_tokens(s=10), cache=model.new_cache(2, 8))
+
+
+def test_blocks_reading_the_rope_table_equal_blocks_computing_rope():
+    # the model's cos/sin buffers (read by every block) against rope_cos_sin per block: whole
+    # sequences, restarted document positions, a KV-cache offset; the buffers stay out of the weights
+    from megalm.model.documents import Packing
+    from megalm.model.layers import rope_cos_sin
+
+    cfg = _cfg()
+    model = GPT(cfg, _tp()).eval()
+    assert "rope_cos" not in model.state_dict() and model.rope_cos.shape == (48, 8)
+    h = torch.randn(2, 20, 32, generator=torch.Generator().manual_seed(1))
+    restarts = torch.cat([torch.arange(7), torch.arange(13)]).expand(2, 20)
+    table = (model.rope_cos, model.rope_sin)
+    for positions, start in [(None, 0), (restarts, 0), (None, 11)]:
+        read = model.blocks[0](h, Packing(positions, start_pos=start, rope=table))
+        computed = model.blocks[0](h, Packing(positions, start_pos=start))
+        assert torch.equal(read, computed)
+    cos, sin = rope_cos_sin(restarts, 8, cfg.rope_theta)
+    assert torch.equal(model.rope_cos[restarts], cos) and torch.equal(model.rope_sin[restarts], sin)
+    out = model(_tokens())
+    model.rope_cos.mul_(-1)  # a wrong table changes the output: the blocks do read it
+    assert not torch.allclose(model(_tokens()), out)
