@@ -29,6 +29,25 @@ def test_skip_op_build_marks_the_op_incompatible():
         seams.skip_op_build("no_such_op")
 
 
+def test_pipeline_partitioning_is_explicit_and_read_by_deepspeed():
+    # DeepSpeed defaults pipe_partitioned and grad_partitioned to true; megalm sets both in its
+    # config (off under sequence parallelism: issue 21) and DeepSpeed must read them as given.
+    # The behaviour itself: the TP2 + SP x PP2 parity layouts (tests/training/test_parity.py).
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from megalm.training.ds_config import deepspeed_config
+
+    for sp in (True, False):
+        cfg = load_config(TINY, ["parallel.tensor=2", "parallel.pipeline=2", f"parallel.sequence_parallel={sp}"])
+        cfg.validate(4)
+        ds = deepspeed_config(cfg)
+        read = DeepSpeedConfig({**ds, "train_batch_size": 4, "train_micro_batch_size_per_gpu": 4,
+                                "gradient_accumulation_steps": 1}, mpu=None).pipeline
+        assert read["pipe_partitioned"] is (not sp) and read["grad_partitioned"] is (not sp), (sp, read)
+    defaults = DeepSpeedConfig({"train_batch_size": 1}, mpu=None).pipeline
+    assert defaults["pipe_partitioned"] and defaults["grad_partitioned"]  # why megalm must set them
+
+
 def _engine_seams(run_dir: str) -> dict:
     """One rank, ZeRO-0 fp32 (the path whose norm DeepSpeed drops), through megalm's start-up."""
     import deepspeed

@@ -49,6 +49,8 @@ LAYOUTS = [
     Layout(tensor=2), Layout(pipeline=2), Layout(tensor=2, pipeline=2),
     Layout(tensor=2, data=2, zero=1), Layout(tensor=2, data=2, zero=3),
     Layout(pipeline=2, data=2), Layout(tensor=2, pipeline=2, data=2),
+    Layout(tensor=2, sequence_parallel=True), Layout(tensor=2, pipeline=2, sequence_parallel=True),
+    Layout(tensor=2, pipeline=2, data=2, sequence_parallel=True),
 ]
 
 

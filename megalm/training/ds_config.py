@@ -45,5 +45,15 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
     elif t.precision == "fp16":
         ds["fp16"] = dict(FP16_LOSS_SCALING)
     if cfg.parallel.pipeline > 1:
-        ds["pipeline"] = {"activation_checkpoint_interval": 0}
+        ds["pipeline"] = {"activation_checkpoint_interval": 0, **pipeline_partitioning(cfg.parallel.sequence_parallel)}
     return ds
+
+
+def pipeline_partitioning(sequence_parallel: bool) -> dict[str, bool]:
+    """DeepSpeed's pipeline splits each activation (and gradient) it sends over the tensor ranks and
+    the receiving stage all-gathers the pieces (`pipe_partitioned`, `grad_partitioned`, both on by
+    default): 1/TP of the bytes cross the stage link, right when every tensor rank holds the same
+    tensor. Under sequence parallelism each tensor rank holds its own part of the sequence, which it
+    sends whole to the same tensor rank of the next stage; split and gathered, the received
+    activation would be pieced together from different ranks' parts (a different model: issue 21)."""
+    return {"pipe_partitioned": not sequence_parallel, "grad_partitioned": not sequence_parallel}

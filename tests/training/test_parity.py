@@ -56,3 +56,15 @@ def test_zero3_partitioned_head_with_fused_loss_matches_reference(byte_shards):
         reference = run_layout(REFERENCE, TINY, [*overrides, "model.loss_chunk_tokens=0"])
         losses = run_layout(Layout(data=2, zero=3), TINY, [*overrides, "model.loss_chunk_tokens=100"])
         assert max_relative_difference(losses, reference) <= FP32_RTOL, tie
+
+
+@pytest.mark.slow
+def test_sequence_parallel_under_a_pipeline_with_recompute_matches_reference(byte_shards):
+    # issue 21: DeepSpeed's pipeline split each sequence-sharded activation over the tensor ranks
+    # and gathered it on the next stage, mixing the ranks' parts (megalm.training.ds_config)
+    overrides = base(byte_shards)
+    reference = run_layout(REFERENCE, TINY, overrides)
+    layout = Layout(tensor=2, pipeline=2, sequence_parallel=True)
+    for extra in ("model.activation_checkpointing=true", "model.tie_embeddings=true", "model.loss_chunk_tokens=0"):
+        losses = run_layout(layout, TINY, [*overrides, extra])
+        assert max_relative_difference(losses, reference) <= FP32_RTOL, extra
