@@ -181,3 +181,109 @@ def test_groups_created_without_a_timeout_take_torchs_default_one():
 
     assert callable(distributed_c10d._get_default_timeout)
     assert "_get_default_timeout(backend)" in inspect.getsource(distributed_c10d._new_group_with_tag)
+
+
+# ----------------------------------------------------------------------------- DeepSpeed, each seam called
+
+
+def _write_seams(run_dir: str) -> dict:
+    """checkpoint_writes sees every file DeepSpeed writes; collect_write_errors keeps a failed write
+    (and skips the rest of that save) instead of raising; both put the writer back."""
+    from megalm.training.startup import bootstrap
+
+    ds = bootstrap(load_config(TINY, [f"train.run_dir={run_dir}"])).engine.ds
+    seen = []
+
+    def recording(state_dict, path, *args, **kwargs):  # noqa: ANN001, ANN202 - DeepSpeed's call
+        seen.append(Path(path).name)
+        return original(state_dict, path, *args, **kwargs)
+
+    with seams.checkpoint_writes(ds, recording) as original:
+        ds.save_checkpoint(run_dir, tag="seen", save_latest=False)
+    written = sorted(p.name for p in (Path(run_dir) / "seen").iterdir())
+    attempts = []
+
+    def full_disk(state_dict, path, *args, **kwargs):  # noqa: ANN001, ANN202
+        attempts.append(Path(path).name)
+        raise OSError(28, "No space left on device")
+
+    with seams.checkpoint_writes(ds, full_disk), seams.collect_write_errors(ds) as errors:
+        ds.save_checkpoint(run_dir, tag="full", save_latest=False)  # does not raise
+    ds.save_checkpoint(run_dir, tag="after", save_latest=False)  # the real writer is back
+    return {"seen": sorted(seen), "written": written, "errors": [str(e) for e in errors], "attempts": attempts,
+            "after": sorted(p.name for p in (Path(run_dir) / "after").iterdir())}
+
+
+def test_checkpoint_writes_and_collect_write_errors_on_a_real_engine(tmp_path):
+    r = run_distributed_test(_write_seams, 1, args=(str(tmp_path),), env={"DS_ACCELERATOR": "cpu"})[0]
+    assert r["seen"] == r["written"] and "mp_rank_00_model_states.pt" in r["seen"] and len(r["seen"]) >= 2
+    assert len(r["attempts"]) == 1  # the first write failed; the rest of that save was not tried
+    assert r["errors"] == ["[Errno 28] No space left on device"]
+    assert r["after"] == r["written"]
+
+
+def _optimizer_state_seams(run_dir: str, stage: int, precision: str) -> dict:
+    """prepare_optimizer_state then set_full_state on two parameters, saved: what was set."""
+    from megalm.training.startup import bootstrap
+
+    cfg = load_config(TINY, [f"zero.stage={stage}", f"train.precision={precision}", f"train.run_dir={run_dir}"])
+    ds = bootstrap(cfg).engine.ds
+    seams.prepare_optimizer_state(ds, 3.0)
+    g = torch.Generator().manual_seed(stage)
+    params = dict(ds.module.named_parameters())
+    values = {}
+    for name in ("embedding.word.weight", "blocks.1.mlp.fc2.weight"):
+        p = params[name]
+        shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+        values[name] = {key: torch.randn(shape, generator=g).abs() for key in seams.OPTIMIZER_KEYS}
+        seams.set_full_state(ds, p, values[name])
+    ds.save_checkpoint(run_dir, tag="t", save_latest=False)
+    # ZeRO-0: the saved optimizer state is indexed in parameter-group order (the bf16 wrapper's
+    # module-weight groups stand for its fp32 copies)
+    opt = ds.optimizer
+    held = opt.fp16_groups if hasattr(opt, "fp16_groups") else [g["params"] for g in opt.param_groups]
+    names = {id(q): n for n, q in params.items()}
+    groups = [[names[id(q)] for q in group] for group in held] if stage == 0 else []
+    return {"values": values, "order": [n for group in groups for n in group], "groups": groups}
+
+
+@pytest.mark.parametrize("stage, precision", [(0, "fp32"), (0, "bf16"), (1, "bf16"), (3, "fp32")])
+def test_set_full_state_lands_in_the_saved_checkpoint(tmp_path, stage, precision):
+    # prepare_optimizer_state + set_full_state, read back by the checkpoint readers that use
+    # zero0_optimizer_state (ZeRO-0) and ZeroPartitions (1-3): the master and both Adam moments
+    r = run_distributed_test(_optimizer_state_seams, 1, args=(str(tmp_path), stage, precision),
+                             env={"DS_ACCELERATOR": "cpu"})[0]
+    ckpt = tmp_path / "t"
+    for name, want in r["values"].items():
+        if stage == 0:
+            states = seams.load_deepspeed_file(ckpt / "mp_rank_00_model_states.pt")
+            sd, masters = seams.zero0_optimizer_state(states)
+            index = r["order"].index(name)
+            got = {key: sd["state"][index][key] for key in ("exp_avg", "exp_avg_sq")}
+            if masters is None:  # fp32: the masters are the module's weights
+                got["fp32"] = states["module"][name]
+            else:
+                group = next(i for i, names in enumerate(r["groups"]) if name in names)
+                got["fp32"] = masters[group][r["groups"][group].index(name)]
+            assert float(sd["state"][index]["step"]) == 3.0
+        else:
+            parts = seams.ZeroPartitions.open(ckpt, 0)
+            assert parts.has_moments and parts.step == 3.0
+            got = {key: parts.tensor(name, key) for key in seams.OPTIMIZER_KEYS}
+        for key in seams.OPTIMIZER_KEYS:
+            torch.testing.assert_close(got[key].float().view(want[key].shape), want[key], rtol=0, atol=0,
+                                       msg=f"{name} {key}")
+
+
+def _group_timeout() -> float:
+    import datetime
+
+    import torch.distributed as dist
+
+    seams.default_group_timeout(datetime.timedelta(seconds=77))
+    group = dist.new_group([0])  # as DeepSpeed creates its groups: no timeout given
+    return group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+
+
+def test_default_group_timeout_reaches_a_new_group():
+    assert run_distributed_test(_group_timeout, 1, env={"DS_ACCELERATOR": "cpu"})[0] == 77.0

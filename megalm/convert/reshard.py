@@ -22,7 +22,7 @@ def reshard(checkpoint: str | Path, output: str | Path, *, tensor: int, pipeline
             overrides: list[str] = ()) -> Path:
     """Write `checkpoint` (any layout, or universal) at tensor x pipeline (x data_parallel) into the run
     directory `output`, through its universal form."""
-    ckpt = open_checkpoint(checkpoint)
+    ckpt = open_checkpoint(checkpoint, optimizer=True)  # every file checked before anything is written
     run_dir = Path(output)
     raw = copy.deepcopy(ckpt.config.to_dict())
     raw["parallel"].update(tensor=tensor, pipeline=pipeline)

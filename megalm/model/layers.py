@@ -26,6 +26,7 @@ from megalm.parallel.layers import (
     mark_replicated,
     sequence_parallel_param,
 )
+from megalm.parallel.mappings import group_rank
 from megalm.parallel.random import maybe_fork, normal_init
 
 
@@ -147,6 +148,19 @@ class Attention(nn.Module):
             init_method=normal_init(cfg.init_std / math.sqrt(2 * cfg.num_layers), generator),
         )
 
+    def _rope(self, packing: Packing, s: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of this rank's s positions: rows of the model's table (packed positions restart
+        inside the sample, so they stay below max_seq_len), else computed."""
+        table = packing.rope
+        if packing.positions is not None:
+            return (table[0][packing.positions], table[1][packing.positions]) if table is not None else \
+                rope_cos_sin(packing.positions, self.head_dim, self.cfg.rope_theta)
+        start = packing.start_pos + group_rank(self.context) * s  # this rank's contiguous chunk
+        if table is not None and start + s <= table[0].size(0):
+            return table[0][start:start + s], table[1][start:start + s]
+        return rope_cos_sin(chunk_positions(s, self.context, device, packing.start_pos), self.head_dim,
+                            self.cfg.rope_theta)
+
     def forward(self, x: torch.Tensor, packing: Packing | None = None, cache: KVCache | None = None) -> torch.Tensor:
         packing = packing or Packing()
         qkv = self.qkv(x)  # (batch, seq, kv_local * (per_group + 2) * head_dim)
@@ -156,13 +170,7 @@ class Attention(nn.Module):
         q = qkv[:, :, :, :per_group].reshape(b, s, self.heads, self.head_dim)  # (batch, seq, heads, head_dim)
         k, v = qkv[:, :, :, per_group], qkv[:, :, :, per_group + 1]  # (batch, seq, kv_heads, head_dim)
         if self.cfg.arch == "llama":
-            positions = packing.positions
-            if positions is None:
-                positions = chunk_positions(s, self.context, x.device, packing.start_pos)
-            if packing.rope is not None:
-                cos, sin = packing.rope[0][positions], packing.rope[1][positions]
-            else:
-                cos, sin = rope_cos_sin(positions, self.head_dim, self.cfg.rope_theta)
+            cos, sin = self._rope(packing, s, x.device)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, packing.start_pos)

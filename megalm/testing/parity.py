@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch.distributed as dist
 
@@ -66,12 +68,18 @@ def train_rank(config: str, overrides: list[str]) -> list[float] | None:
 
 def run_layout(layout: Layout, config: str, overrides: list[str], timeout: float = 600) -> list[float]:
     """Per-step losses of a fresh run of `config` under `layout` (spawned gloo ranks)."""
+    return run_layout_ranks(layout, config, overrides, timeout=timeout)[0]
+
+
+def run_layout_ranks(layout: Layout, config: str, overrides: list[str], timeout: float = 600,
+                     rank: Callable[[str, list[str]], Any] = train_rank) -> list[Any]:
+    """What `rank`(config, overrides) returns on each rank of a fresh run under `layout`."""
     with tempfile.TemporaryDirectory(prefix="megalm-parity-") as run_dir:
         all_overrides = [*overrides, *layout.overrides(), f"train.run_dir={run_dir}",
                          "checkpoint.interval=0", "checkpoint.save_at_end=false", "checkpoint.load=none",
                          "logging.console=false", "logging.tensorboard=false", "train.eval_interval=0"]
-        return run_distributed_test(train_rank, layout.world_size, args=(config, all_overrides),
-                                    timeout=timeout, env={"DS_ACCELERATOR": "cpu"})[0]
+        return run_distributed_test(rank, layout.world_size, args=(config, all_overrides),
+                                    timeout=timeout, env={"DS_ACCELERATOR": "cpu"})
 
 
 def max_relative_difference(losses: list[float], reference: list[float]) -> float:

@@ -34,3 +34,17 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 def step_losses(run_dir: str | Path) -> dict[int, float]:
     """step -> loss; a step logged twice (a killed run, then its resumption) keeps the last."""
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def loss_steps(run_dir: str | Path) -> list[int]:
+    """The step of every loss record of metrics.jsonl in the order written (a resumed run appends)."""
+    return [r["step"] for r in read_metrics(run_dir) if "loss" in r]
+
+
+def assert_resumed(run_dir: str | Path, written_before: int, checkpoint_step: int, last_step: int) -> None:
+    """The loss records appended after the first `written_before` run from the checkpoint's step + 1
+    to last_step (a run that ignored the checkpoint and replayed from step 1 with the same seeds logs
+    the same losses, but from step 1), and each step up to the checkpoint's was logged once."""
+    steps = loss_steps(run_dir)
+    assert steps[written_before:] == list(range(checkpoint_step + 1, last_step + 1)), steps
+    assert all(steps.count(s) == 1 for s in range(1, checkpoint_step + 1)), steps

@@ -74,13 +74,37 @@ def test_tasks_on_a_checkpoint_equal_lm_evals_hf_backend_on_the_export(checkpoin
 
     hf_dir = tmp_path / "hf"
     to_hf(checkpoints["llama_tp2_pp2"], hf_dir, verify=False)
-    theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={hf_dir},dtype=float32,max_length=64",
-                                     tasks=["megalm_mc", "megalm_ppl"], task_manager=TaskManager(include_path=str(tasks)),
-                                     bootstrap_iters=0, log_samples=False, device="cpu")["results"]
+    names = ["megalm_mc", "megalm_ppl"]
+    hf_run = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={hf_dir},dtype=float32,max_length=64",
+                                     tasks=names, task_manager=TaskManager(include_path=str(tasks)),
+                                     bootstrap_iters=0, log_samples=True, device="cpu")
+    theirs = hf_run["results"]
     assert ours["megalm_mc"]["acc,none"] == theirs["megalm_mc"]["acc,none"]
     for metric in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
         assert ours["megalm_ppl"][metric] == pytest.approx(theirs["megalm_ppl"][metric], rel=1e-4), metric
     assert 1 < ours["megalm_ppl"]["byte_perplexity,none"] < 257  # a trained byte model: better than uniform
+
+    # every request: each choice's log-likelihood, each text's rolling log-likelihood, through
+    # megalm's adapter on the checkpoint against lm-eval's HF backend on the export
+    from megalm.inference.harness import make_adapter
+    from megalm.inference.load import load_model
+
+    model, codec = load_model(str(checkpoints["llama_tp2_pp2"]), None)
+    adapter_run = lm_eval.simple_evaluate(model=make_adapter(model, codec), tasks=names, bootstrap_iters=0,
+                                          task_manager=TaskManager(include_path=str(tasks)), log_samples=True)
+    for task, count in (("megalm_mc", 3 * len(MC)), ("megalm_ppl", len(TEXTS))):
+        mine, hfs = (_loglikelihoods(run["samples"][task]) for run in (adapter_run, hf_run))
+        assert len(mine) == len(hfs) == count, task
+        assert mine == pytest.approx(hfs, rel=1e-4, abs=1e-4), task
+
+
+def _loglikelihoods(samples: list[dict]) -> list[float]:
+    """The log-likelihood of every request of a task's logged samples, in document order."""
+    out = []
+    for sample in sorted(samples, key=lambda x: x["doc_id"]):
+        for resp in sample["filtered_resps"]:
+            out.append(float(resp[0] if isinstance(resp, (list, tuple)) else resp))
+    return out
 
 
 def _tiny_hf(path: Path) -> Path:

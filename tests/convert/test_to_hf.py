@@ -104,3 +104,26 @@ def test_subset_verification_compares_the_first_blocks_and_catches_a_wrong_layer
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     diff, verified = verify_hf(out, state, ckpt.config.model, torch.float32, layers=1)
     assert verified == "blocks 0-0 of 2" and diff > 1e-3
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["positions-run-on", "positions-restart"])
+def test_a_document_masked_run_exports_and_scores_one_document_as_it_does(reset, convert_shards, trainer, tmp_path):
+    # trained with model.document_mask, run through to-hf, loaded by transformers: on one document
+    # (the only thing a plain causal model can be asked) its logits are the masked model's
+    from megalm.convert.hf import to_hf
+    from megalm.convert.reader import open_checkpoint, read_state
+    from megalm.inference.load import build_gpt
+
+    run = tmp_path / "run"
+    trainer(run, 1, [f"data.train_prefixes=[{convert_shards}]", "model.document_mask=true",
+                     f"model.document_positions={str(reset).lower()}", "train.precision=fp32"])
+    ckpt = open_checkpoint(run)
+    assert ckpt.config.model.document_mask and ckpt.config.model.document_positions is reset
+    summary = to_hf(run, tmp_path / "hf")
+    assert summary["max_abs_logit_diff"] < 1e-4
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ours = build_gpt(ckpt.config.model, read_state(ckpt)[0])
+    tokens = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(3))  # no EOD: one document
+    with torch.no_grad():
+        masked = ours(tokens, positions=torch.arange(48).expand(2, 48), documents=torch.zeros(2, 48, dtype=torch.long))
+        assert (hf(tokens).logits - masked[..., :257]).abs().max().item() < 1e-4

@@ -99,8 +99,20 @@ def test_flex_block_mask_equals_the_dense_mask(seq, block):
     torch.testing.assert_close(flex, dense, rtol=1e-5, atol=1e-5)
     tiles = -(-seq // block)
     assert mask.kv_num_blocks.shape == (3, 1, tiles)
-    if seq >= 4 * block:  # tiles between different documents are skipped, not computed masked
-        assert mask.sparsity() > 0
+    if seq >= 4 * block:  # tiles between different documents are skipped: sparser than causal alone
+        causal = document_block_mask(torch.zeros_like(documents), block)
+        assert mask.sparsity() > causal.sparsity() > 0
+    if seq % block == 0:  # each tile as the dense mask has it: all pairs allowed (full), some, none
+        allowed = document_dense_mask(documents).reshape(3, tiles, block, tiles, block)
+        full, some = allowed.all(4).all(2), allowed.any(4).any(2)
+        assert torch.equal(mask.full_kv_num_blocks[:, 0], full.sum(-1, dtype=torch.int32))
+        assert torch.equal(mask.kv_num_blocks[:, 0], (some & ~full).sum(-1, dtype=torch.int32))
+        for b in range(3):
+            for t in range(tiles):
+                n = int(mask.full_kv_num_blocks[b, 0, t])
+                assert set(mask.full_kv_indices[b, 0, t, :n].tolist()) == set(full[b, t].nonzero().flatten().tolist())
+        if tiles > 2:  # two documents: fewer full tiles than one document has
+            assert full[1].sum() < full[2].sum()
 
 
 def test_document_ids_and_positions():

@@ -157,7 +157,7 @@ def test_blocks_reading_the_rope_table_equal_blocks_computing_rope():
     h = torch.randn(2, 20, 32, generator=torch.Generator().manual_seed(1))
     restarts = torch.cat([torch.arange(7), torch.arange(13)]).expand(2, 20)
     table = (model.rope_cos, model.rope_sin)
-    for positions, start in [(None, 0), (restarts, 0), (None, 11)]:
+    for positions, start in [(None, 0), (restarts, 0), (None, 11), (None, 40)]:  # 40 + 20 > 48: computed
         read = model.blocks[0](h, Packing(positions, start_pos=start, rope=table))
         computed = model.blocks[0](h, Packing(positions, start_pos=start))
         assert torch.equal(read, computed)

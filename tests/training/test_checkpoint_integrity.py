@@ -18,7 +18,7 @@ import torch.distributed as dist
 from megalm.errors import MegalmError
 from megalm.testing.distributed import run_distributed_test
 from megalm.testing.parity import train_rank
-from megalm.testing.runs import REPO, TINY, step_losses, train_env
+from megalm.testing.runs import REPO, TINY, assert_resumed, loss_steps, step_losses, train_env
 from megalm.training import manifest
 from megalm.training.checkpoint import intact_checkpoint
 
@@ -108,10 +108,12 @@ def test_damaged_latest_falls_back_to_the_intact_checkpoint_and_continues_exactl
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "global_step10 is damaged" in refused.stderr and "checkpoint.load=" in refused.stderr
     before = step_losses(straight)
+    written = len(loss_steps(straight))
     resumed = _train_cli(straight, byte_shards, "train.steps=12")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "warning: checkpoint global_step10 is damaged" in resumed.stdout
     assert "resumed from" in resumed.stdout and "step 5," in resumed.stdout
+    assert_resumed(straight, written, 5, 12)  # from the intact step 5, not from scratch
     after = step_losses(straight)
     assert [after[s] for s in range(6, 11)] == [before[s] for s in range(6, 11)]  # bit-identical replay
     assert manifest.check(straight / "checkpoints" / "global_step10") is None  # saved again, whole
@@ -150,3 +152,50 @@ def test_disk_full_during_a_save_stops_every_rank_with_one_line(byte_shards, tmp
     root = run / "checkpoints"
     assert (root / "latest").read_text() == "global_step5" and manifest.check(root / "global_step5") is None
     assert sorted(p.name for p in root.iterdir() if p.name.startswith("global_step")) == ["global_step5"]
+
+
+def _torchrun_2(run_dir: Path, prefix: str, *extra: str) -> subprocess.CompletedProcess:
+    """2 ranks under torchrun, each output line tagged with its rank ([default0]:, [default1]:)."""
+    from megalm.testing.distributed import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "--tee", "3", "-m", "megalm.train", "--config", TINY,
+           f"data.train_prefixes=[{prefix}]", f"train.run_dir={run_dir}", *RUN, *extra]
+    return subprocess.run(cmd, env=train_env(), capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_a_bit_flip_in_rank_1s_share_is_seen_by_both_ranks_and_converters_write_nothing(byte_shards, tmp_path):
+    run = tmp_path / "run"
+    first = _torchrun_2(run, byte_shards)  # DP2 ZeRO-1: optimizer partitions of both ranks
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    ten = run / "checkpoints" / "global_step10"
+    names = sorted(json.loads((ten / manifest.MANIFEST_FILE).read_text())["files"])
+    victim = ten / next(n for n in names[1::2] if "optim_states" in n)  # hashed by rank 1, not rank 0
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x10  # one bit, the size unchanged
+    victim.write_bytes(bytes(data))
+    corrupt = f"{victim} is corrupt (its sha256 differs from the manifest's)"
+    assert manifest.check(ten, share=(1, 2)) == corrupt and manifest.check(ten, share=(0, 2)) is None
+
+    # the converters read the optimizer too: one line, exit 2, nothing written
+    for command in (["reshard", "--output", str(tmp_path / "resharded"), "--tp", "2"],
+                    ["universal", "--output", str(tmp_path / "universal")]):
+        tool = subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), command[0],
+                               "--checkpoint", str(run), *command[1:]], env=train_env(), capture_output=True, text=True)
+        assert tool.returncode == 2, tool.stderr[-2000:]
+        assert corrupt in tool.stderr.strip().splitlines()[-1] and "Traceback" not in tool.stderr
+        assert not Path(command[2]).exists(), command[0]
+
+    # no fallback: each rank stops with the same line (rank 0 hashed nothing wrong itself)
+    refused = _torchrun_2(run, byte_shards, "checkpoint.fallback=false", "train.steps=12")
+    assert refused.returncode != 0
+    lines = {rank: [line.split(":", 1)[1] for line in refused.stdout.splitlines() + refused.stderr.splitlines()
+                    if line.startswith(f"[default{rank}]:error:")] for rank in (0, 1)}
+    assert lines[0] == lines[1] and len(lines[0]) == 1 and corrupt in lines[0][0], refused.stderr[-3000:]
+    # fallback (the default): both ranks resume from step 5 together
+    written = len(loss_steps(run))
+    resumed = _torchrun_2(run, byte_shards, "train.steps=12")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"warning: checkpoint global_step10 is damaged: {corrupt}" in resumed.stdout
+    assert_resumed(run, written, 5, 12)

@@ -1,5 +1,5 @@
 """megalm.json is one typed, versioned record: it round-trips, and an old, foreign or damaged file is
-one clear line (for every reader: resume, to-hf, reshard, generate, evaluate)."""
+one clear line (for every reader: resume, to-hf, reshard, universal, generate, evaluate)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,9 @@ def test_old_foreign_or_damaged_metadata_is_one_clear_error(tmp_path, content, m
 
 @pytest.mark.parametrize("tool", [["convert_checkpoint.py", "to-hf", "--output", "OUT"],
                                   ["convert_checkpoint.py", "reshard", "--output", "OUT"],
-                                  ["generate.py", "--prompt", "x"]])
+                                  ["convert_checkpoint.py", "universal", "--output", "OUT"],
+                                  ["generate.py", "--prompt", "x"],
+                                  ["evaluate.py", "--text-file", "OUT"]])
 def test_tools_on_a_foreign_checkpoint_print_one_line(tmp_path, tool):
     ckpt = tmp_path / "run" / "checkpoints"
     (ckpt / "global_step5").mkdir(parents=True)
@@ -65,6 +67,21 @@ def test_tools_on_a_foreign_checkpoint_print_one_line(tmp_path, tool):
         f"error: {ckpt / 'global_step5' / 'megalm.json'} is not megalm checkpoint metadata (no format_version): "
         "the checkpoint was not written by megalm, or by a megalm older than 0.1.0"]
     assert not (tmp_path / "out").exists()
+
+
+def test_resuming_from_a_foreign_checkpoint_prints_one_line(tmp_path, byte_shards):
+    ckpt = tmp_path / "run" / "checkpoints"
+    (ckpt / "global_step5").mkdir(parents=True)
+    (ckpt / "global_step5" / "megalm.json").write_text(json.dumps({"step": 5}))
+    (ckpt / "latest").write_text("global_step5")
+    r = subprocess.run([sys.executable, "-m", "megalm.train", "--config", "configs/tiny.yaml",
+                        f"train.run_dir={tmp_path / 'run'}", f"data.train_prefixes=[{byte_shards}]"], cwd=REPO,
+                       env=train_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: {ckpt / 'global_step5' / 'megalm.json'} is not megalm checkpoint metadata (no format_version): "
+        "the checkpoint was not written by megalm, or by a megalm older than 0.1.0")
+    assert "Traceback" not in r.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 class _RunsCode:

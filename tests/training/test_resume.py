@@ -15,7 +15,7 @@ import pytest
 
 from megalm.testing.distributed import DistributedTestError, free_port, run_distributed_test
 from megalm.testing.parity import train_rank
-from megalm.testing.runs import REPO, TINY, read_metrics, step_losses, train_env
+from megalm.testing.runs import REPO, TINY, assert_resumed, loss_steps, read_metrics, step_losses, train_env
 
 # slow steps (32 micro-batches per step on 2 ranks) so a signal or a kill lands mid-run
 SLOW = ["train.micro_batch_size=1", "train.global_batch_size=64", "train.eval_interval=0",
@@ -90,8 +90,10 @@ def test_kill_9_then_resume_is_bit_identical(byte_shards, tmp_path, layout):
     kill_9(proc)  # no clean exit, no final save
     assert (killed / "checkpoints" / "latest").read_text() == "global_step6"
     assert not (killed / "status.json").exists()
+    before = len(loss_steps(killed))
     finish(torchrun(killed, byte_shards, *args), killed)  # checkpoint.load=auto resumes at 6
 
+    assert_resumed(killed, before, 6, 12)  # not a replay from step 1
     a, b = step_losses(straight), step_losses(killed)
     assert sorted(b) == list(range(1, 13))
     assert [b[s] for s in range(7, 13)] == [a[s] for s in range(7, 13)]  # bit-identical
@@ -131,6 +133,22 @@ def test_resume_with_other_data_parallel_size_continues_the_stream(byte_shards, 
 
 
 @pytest.mark.slow
+def test_a_tensor_pipeline_or_zero_stage_change_is_refused_with_the_conversion(byte_shards, tmp_path):
+    common = [f"data.train_prefixes=[{byte_shards}]", "train.global_batch_size=8", "train.precision=fp32",
+              "logging.tensorboard=false", "train.eval_interval=0", f"train.run_dir={tmp_path}", "zero.stage=1"]
+    run_distributed_test(train_rank, 2, args=(TINY, [*common, "train.steps=2"]), env={"DS_ACCELERATOR": "cpu"})
+    convert = f"convert it: python tools/convert_checkpoint.py universal --checkpoint {tmp_path / 'checkpoints' / 'global_step2'}"
+    for overrides, message in [(["parallel.tensor=2"], "the checkpoint was written at tensor 1 x pipeline 1, this run has 2 x 1"),
+                               (["parallel.pipeline=2"], "the checkpoint was written at tensor 1 x pipeline 1, this run has 1 x 2"),
+                               (["zero.stage=3"], "the checkpoint was written with ZeRO-1, this run has ZeRO-3")]:
+        with pytest.raises(DistributedTestError) as refused:
+            run_distributed_test(train_rank, 2, args=(TINY, [*common, "train.steps=4", *overrides]),
+                                 env={"DS_ACCELERATOR": "cpu"})
+        assert f"{message}: {convert}" in str(refused.value), str(refused.value)[-2000:]
+    assert loss_steps(tmp_path) == [1, 2]  # nothing trained
+
+
+@pytest.mark.slow
 def test_sigusr1_saves_at_next_step_and_exits_0(byte_shards, tmp_path):
     run_dir = tmp_path / "run"
     proc = torchrun(run_dir, byte_shards, *SLOW, "train.steps=200", "checkpoint.interval=0")
@@ -143,10 +161,11 @@ def test_sigusr1_saves_at_next_step_and_exits_0(byte_shards, tmp_path):
     assert status["state"] == "preempted" and 3 <= status["step"] < 200
     assert (run_dir / "checkpoints" / "latest").read_text() == f"global_step{status['step']}"
     # a resubmission resumes from there
+    before = len(loss_steps(run_dir))
     proc = torchrun(run_dir, byte_shards, *SLOW, f"train.steps={status['step'] + 2}", "checkpoint.interval=0")
     finish(proc, run_dir)
     assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
-    assert max(step_losses(run_dir)) == status["step"] + 2
+    assert_resumed(run_dir, before, status["step"], status["step"] + 2)
 
 
 def test_nonfinite_loss_skips_then_aborts(byte_shards, tmp_path):
@@ -231,6 +250,8 @@ def test_kill_9_while_an_async_save_is_written_then_resume_is_bit_identical(byte
     assert (root / "latest").read_text() == "global_step5" and (root / "global_step10.saving").is_dir()
     blocked = [r["save_blocked_s"] for r in read_metrics(killed) if "save_blocked_s" in r]
     assert len(blocked) == 2 and blocked[1] < 30  # the slow save did not block training
+    before = len(loss_steps(killed))
     finish(torchrun(killed, byte_shards, *args), killed)  # resumes from global_step5
+    assert_resumed(killed, before, 5, 14)
     a, b = step_losses(straight), step_losses(killed)
     assert [b[s] for s in range(6, 15)] == [a[s] for s in range(6, 15)]  # bit-identical

@@ -44,7 +44,7 @@ def _train(run_dir: Path, world: int, overrides: list[str]) -> dict[int, float]:
 def test_resume_at_another_layout_continues_exactly(name, byte_shards, tmp_path):
     world_a, layout_a, world_b, layout_b = TRANSITIONS[name]
     data = f"data.train_prefixes=[{byte_shards}]"
-    straight = _train(tmp_path / "a", world_a, [data, *layout_a])  # uninterrupted, saves at 10 and 20
+    straight = _train(tmp_path / "a", world_a, [data, *layout_a])  # uninterrupted, saves at 6 and 12
     universal = tmp_path / "u"
     convert_to_universal(tmp_path / "a" / "checkpoints" / "global_step6", universal)
     resumed = _train(tmp_path / "b", world_b, [data, *layout_b, f"checkpoint.load={universal}"])

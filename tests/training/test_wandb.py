@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from megalm.config import load_config
 from megalm.testing.distributed import run_distributed_test
 from megalm.testing.parity import train_rank
 from megalm.testing.runs import TINY, read_metrics
@@ -59,18 +60,28 @@ def test_offline_wandb_run_holds_the_metrics_and_the_config_and_resumes(byte_sha
     monkeypatch.setenv("WANDB_SILENT", "true")
     run = tmp_path / "run"
     common = [f"data.train_prefixes=[{byte_shards}]", f"train.run_dir={run}", "logging.wandb=true",
-              "logging.wandb_mode=offline", "logging.wandb_project=tests", "train.global_batch_size=4",
-              "logging.tensorboard=false"]
+              "logging.wandb_mode=offline", "logging.wandb_project=tests", "train.global_batch_size=8",
+              "train.micro_batch_size=2", "train.eval_interval=2", "logging.tensorboard=false"]
     run_distributed_test(train_rank, 1, args=(TINY, [*common, "train.steps=3"]), env={"DS_ACCELERATOR": "cpu"})
     run_distributed_test(train_rank, 1, args=(TINY, [*common, "train.steps=5"]), env={"DS_ACCELERATOR": "cpu"})
     run_id = (run / "wandb_id").read_text()
     files = sorted((run / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert len(files) == 2  # the resumed job logged to the same W&B run
     history = [h for f in files for h in _read_run(f)[0]]
-    expected = [r for r in read_metrics(run) if "loss" in r]
-    assert [h["_step"] for h in history] == [r["step"] for r in expected] == [1, 2, 3, 4, 5]
-    for h, r in zip(history, expected, strict=True):
-        assert h["train/loss"] == r["loss"] and h["train/lr"] == r["lr"]
+    assert [h["_step"] for h in history] == [1, 2, 3, 4, 5]
+    # every scalar of every metrics.jsonl record, under its TensorBoard/W&B name, at its step
+    expected: dict[int, dict] = {}
+    for r in read_metrics(run):
+        for key, value in r.items():
+            if key != "step":
+                tag = key if key.startswith("lm_eval/") else f"train/{key}" if "val" not in key else f"eval/{key}"
+                expected.setdefault(r["step"], {})[tag] = value
+    assert {"train/loss", "train/tflops_megatron", "train/consumed_samples", "eval/val_loss"} <= set().union(*expected.values())
+    for h in history:
+        assert {k: v for k, v in h.items() if not k.startswith("_")} == expected[h["_step"]], h["_step"]
+    # the validated config, derived values included (grad_accum_steps = 8 / 2, seq_len from the model)
     config = _read_run(files[0])[1]
-    assert config["model"]["hidden_size"] == 64 and config["train"]["steps"] == 3
-    assert config["data"]["seq_len"] == 64  # the resolved config, derived values filled
+    first = load_config(TINY, [*common, "train.steps=3"])
+    first.validate(1)
+    assert {k: v for k, v in config.items() if not k.startswith("_")} == json.loads(json.dumps(first.to_dict()))
+    assert config["train"]["grad_accum_steps"] == 4 and config["data"]["seq_len"] == 64
