@@ -173,16 +173,6 @@ def test_zero3_context_parallel_seams_are_still_needed():
     assert "reduce_scatter_coalesced" in scatter and "sequence_parallel_size" not in scatter
 
 
-def test_groups_created_without_a_timeout_take_torchs_default_one():
-    # default_group_timeout replaces it, so DeepSpeed's groups time out with megalm's
-    import inspect
-
-    from torch.distributed import distributed_c10d
-
-    assert callable(distributed_c10d._get_default_timeout)
-    assert "_get_default_timeout(backend)" in inspect.getsource(distributed_c10d._new_group_with_tag)
-
-
 # ----------------------------------------------------------------------------- DeepSpeed, each seam called
 
 
