@@ -32,7 +32,7 @@ DeepSpeed
 torch
     default_group_timeout(timeout)       the timeout of groups created without one (DeepSpeed's)
 transformers (version 5 spellings)
-    rope_kwargs(theta), rope_theta_of()  RoPE as `rope_parameters={"rope_type", "rope_theta"}`
+    rope_kwargs(), rope_parameters_of()  RoPE as `rope_parameters={"rope_type", "rope_theta", ...}`
     dtype_kwargs(dtype)                  `dtype=` (version 4: `torch_dtype=`)
     causal_lm_loss(model, x, labels)     `shift_labels=`: labels that are already the next tokens
     spm_tokenizer_json(model_file)       convert_slow_tokenizer's SpmConverter / SentencePieceExtractor
@@ -378,15 +378,18 @@ def zero0_optimizer_state(model_states: dict[str, Any]) -> tuple[dict[str, Any],
 # ----------------------------------------------------------------------------- transformers
 
 
-def rope_kwargs(theta: float) -> dict[str, Any]:
-    """LlamaConfig keywords of plain RoPE with base `theta` (transformers 5's rope_parameters)."""
-    return {"rope_parameters": {"rope_type": "default", "rope_theta": theta}}
+def rope_kwargs(parameters: dict[str, Any]) -> dict[str, Any]:
+    """LlamaConfig keywords of RoPE `parameters` ({"rope_type", "rope_theta", and the type's own
+    keys}: transformers 5's rope_parameters)."""
+    return {"rope_parameters": dict(parameters)}
 
 
-def rope_theta_of(config: Any) -> tuple[str, float]:
-    """(rope type, base) of a transformers Llama config; no rope_parameters means plain RoPE, 10000."""
-    rope = getattr(config, "rope_parameters", None) or {"rope_type": "default", "rope_theta": 10000.0}
-    return rope.get("rope_type", "default"), float(rope.get("rope_theta", 10000.0))
+def rope_parameters_of(config: Any) -> dict[str, Any]:
+    """The RoPE parameters of a transformers Llama-like config; none means plain RoPE, base 10000."""
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    rope.setdefault("rope_type", "default")
+    rope.setdefault("rope_theta", 10000.0)
+    return rope
 
 
 def dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:

@@ -109,11 +109,12 @@ def _tiny_llama(**kw) -> transformers.LlamaConfig:
 
 
 def test_rope_kwargs_round_trip_through_a_saved_config(tmp_path):
-    _tiny_llama(**seams.rope_kwargs(500000.0)).save_pretrained(tmp_path)
-    loaded = transformers.AutoConfig.from_pretrained(tmp_path)
-    assert seams.rope_theta_of(loaded) == ("default", 500000.0)
-    scaled = _tiny_llama(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0})
-    assert seams.rope_theta_of(scaled)[0] == "linear"  # what from-hf refuses
+    llama3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    _tiny_llama(**seams.rope_kwargs(llama3)).save_pretrained(tmp_path)
+    loaded = seams.rope_parameters_of(transformers.AutoConfig.from_pretrained(tmp_path))
+    assert {k: loaded[k] for k in llama3} == llama3
+    assert seams.rope_parameters_of(_tiny_llama())["rope_type"] == "default"  # no scaling: plain RoPE
 
 
 def test_dtype_kwargs_set_the_config_and_the_loaded_weights(tmp_path):

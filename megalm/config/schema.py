@@ -48,6 +48,26 @@ class ModelConfig:
     """Epsilon of RMSNorm/LayerNorm (Hugging Face Llama uses 1e-6, Megatron and GPT-2 1e-5)."""
     rope_theta: float = 10000.0
     """RoPE base frequency (llama only)."""
+    rope_scaling: Literal["none", "llama3", "yarn"] = "none"
+    """RoPE frequency scaling for a longer context (llama only; transformers' rope_type): llama3
+    (Llama 3.1+: low frequencies divided by rope_factor, a smooth band between) or yarn (Qwen2.5,
+    DeepSeek: interpolation ramped over the dimensions, cos and sin scaled). megalm/model/rope.py."""
+    rope_factor: float = 1.0
+    """llama3/yarn: the context extension factor (Llama 3.1: 8)."""
+    rope_original_max_seq_len: int = 0
+    """llama3/yarn: the context the model was pretrained at before scaling (Llama 3.1: 8192)."""
+    rope_low_freq_factor: float = 1.0
+    """llama3: wavelengths above rope_original_max_seq_len / this are divided by rope_factor."""
+    rope_high_freq_factor: float = 4.0
+    """llama3: wavelengths below rope_original_max_seq_len / this are kept."""
+    rope_beta_fast: float = 32.0
+    """yarn: rotations in the original context above which a dimension is extrapolated (kept)."""
+    rope_beta_slow: float = 1.0
+    """yarn: rotations below which a dimension is interpolated (divided by rope_factor)."""
+    rope_attention_factor: float = 0.0
+    """yarn: the factor on cos and sin (attention temperature); 0: 0.1 ln(rope_factor) + 1."""
+    rope_truncate: bool = True
+    """yarn: round the ramp's bounds to whole dimensions (transformers' default)."""
     tie_embeddings: bool | None = None
     """Share the input embedding with the output head. Default: true for gpt2, false for llama."""
     init_std: float = 0.02

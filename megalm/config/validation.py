@@ -53,6 +53,14 @@ def validate_model(m: ModelConfig) -> None:
            "model.document_positions restarts positions at each document and needs model.document_mask=true")
     _check(not m.document_mask or m.dropout == 0.0,
            f"model.document_mask needs model.dropout=0 (got {m.dropout}): FlexAttention has no attention dropout")
+    if m.rope_scaling != "none":
+        _check(m.arch == "llama", f"model.rope_scaling={m.rope_scaling} needs arch llama (gpt2 has no RoPE)")
+        _check(m.rope_factor > 0 and m.rope_original_max_seq_len > 0,
+               f"model.rope_scaling={m.rope_scaling} needs model.rope_factor > 0 and model.rope_original_max_seq_len "
+               f"> 0 (the pretraining context), got {m.rope_factor} and {m.rope_original_max_seq_len}")
+        _check(m.rope_scaling != "llama3" or m.rope_high_freq_factor > m.rope_low_freq_factor,
+               f"model.rope_high_freq_factor ({m.rope_high_freq_factor}) must exceed model.rope_low_freq_factor "
+               f"({m.rope_low_freq_factor})")
 
 
 def _validate_parallel(cfg: Config, world_size: int) -> None:

@@ -29,6 +29,7 @@ from megalm import seams
 from megalm.config import Config, ModelConfig, load_config
 from megalm.convert.hf_import import load_hf_dir
 from megalm.convert.hf_names import gpt2_to_hf, llama_to_hf
+from megalm.convert.hf_rope import rope_to_hf
 from megalm.convert.hf_tokenizer import MEGALM_SIDECAR, export_tokenizer, tokenizer_from_hf_dir
 from megalm.convert.reader import CheckpointReader, open_checkpoint
 from megalm.convert.universal import write_universal
@@ -54,7 +55,7 @@ def hf_config(cfg: ModelConfig, tokenizer: Any, dtype: torch.dtype) -> Any:
             vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
             num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
             head_dim=cfg.hidden_size // cfg.num_heads, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-            **seams.rope_kwargs(cfg.rope_theta), hidden_act="silu",
+            **seams.rope_kwargs(rope_to_hf(cfg)), hidden_act="silu",
             tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False,
             attention_dropout=cfg.dropout, **seams.dtype_kwargs(dtype), **special,
         )

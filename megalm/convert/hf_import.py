@@ -1,6 +1,6 @@
 """Hugging Face Llama / GPT-2 directories -> megalm: the ModelConfig and the GPT state dict.
 
-Unsupported features (RoPE scaling, biases in Llama, a custom head_dim, other activations) are a
+Unsupported features (a RoPE type other than hf_rope.SUPPORTED, biases in Llama, a custom head_dim, other activations) are a
 MegalmError naming the feature, never a silently different model.
 """
 
@@ -14,6 +14,7 @@ import torch
 from megalm import seams
 from megalm.config import ModelConfig, validate_model
 from megalm.convert.hf_names import gpt2_from_hf, llama_from_hf
+from megalm.convert.hf_rope import rope_from_hf
 from megalm.errors import MegalmError
 
 
@@ -21,8 +22,6 @@ def model_config_from_hf(config: Any) -> ModelConfig:
     """ModelConfig of a transformers LlamaConfig / GPT2Config; unsupported features are MegalmErrors."""
     t = config.model_type
     if t == "llama":
-        rope_type, rope_theta = seams.rope_theta_of(config)
-        _require(rope_type == "default", f"rope scaling {rope_type}")
         _require(config.hidden_act == "silu", f"hidden_act {config.hidden_act}")
         _require(not config.attention_bias and not config.mlp_bias, "attention/MLP biases")
         _require(config.head_dim in (None, config.hidden_size // config.num_attention_heads), "a custom head_dim")
@@ -31,7 +30,8 @@ def model_config_from_hf(config: Any) -> ModelConfig:
             num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads or config.num_attention_heads,
             ffn_hidden_size=config.intermediate_size, vocab_size=config.vocab_size,
             max_seq_len=config.max_position_embeddings, norm_eps=config.rms_norm_eps,
-            rope_theta=rope_theta, tie_embeddings=bool(config.tie_word_embeddings), dropout=0.0,
+            tie_embeddings=bool(config.tie_word_embeddings), dropout=0.0,
+            **rope_from_hf(seams.rope_parameters_of(config), config.max_position_embeddings),
         )
     elif t == "gpt2":
         _require(config.activation_function in ("gelu_new", "gelu_pytorch_tanh"), f"activation {config.activation_function}")

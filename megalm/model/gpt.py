@@ -24,7 +24,8 @@ from torch import nn
 from megalm.config import ModelConfig
 from megalm.errors import MegalmError
 from megalm.model.documents import Packing
-from megalm.model.layers import MLP, Attention, KVCache, build_norm, rope_cos_sin
+from megalm.model.layers import MLP, Attention, KVCache, build_norm
+from megalm.model.rope import rope_cos_sin
 from megalm.parallel.checkpointing import RecomputeInBackward, apply_activation_checkpointing
 from megalm.parallel.context import TensorParallel
 from megalm.parallel.context_parallel import chunk_positions
@@ -182,7 +183,7 @@ class GPT(nn.Module):
         self.final_norm = FinalNorm(cfg, tp)
         self.head = None if cfg.tie_embeddings else Head(cfg, tp)
         if cfg.arch == "llama":  # computed once, read by every block (not in the state dict)
-            cos, sin = rope_cos_sin(torch.arange(cfg.max_seq_len), self.blocks[0].attn.head_dim, cfg.rope_theta)
+            cos, sin = rope_cos_sin(torch.arange(cfg.max_seq_len), cfg, self.blocks[0].attn.head_dim)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.loss_fn = GPTLoss(cfg, tp)

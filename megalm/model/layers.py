@@ -18,6 +18,7 @@ from torch import nn
 from megalm.config import ModelConfig
 from megalm.errors import MegalmError
 from megalm.model.documents import Packing, document_attention
+from megalm.model.rope import rope_cos_sin
 from megalm.parallel.context import TensorParallel
 from megalm.parallel.context_parallel import UlyssesAttention, chunk_positions
 from megalm.parallel.layers import (
@@ -65,17 +66,6 @@ def build_norm(cfg: ModelConfig, tp: TensorParallel) -> nn.Module:
     norm = cls(cfg.hidden_size, cfg.norm_eps, group=tp.group, sequence_parallel=tp.sequence_parallel)
     mark_replicated(norm, tp.sequence_parallel)
     return norm
-
-
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (..., seq, head_dim) in fp32 of integer `positions` (seq,) or (batch, seq)
-    (HF's rotate-half layout: frequency k at columns k and k + head_dim/2, inv_freq_k =
-    theta^(-2k/head_dim))."""
-    device = positions.device
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
-    freqs = positions.float()[..., None] * inv_freq  # (..., seq, head_dim / 2)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -154,12 +144,11 @@ class Attention(nn.Module):
         table = packing.rope
         if packing.positions is not None:
             return (table[0][packing.positions], table[1][packing.positions]) if table is not None else \
-                rope_cos_sin(packing.positions, self.head_dim, self.cfg.rope_theta)
+                rope_cos_sin(packing.positions, self.cfg, self.head_dim)
         start = packing.start_pos + group_rank(self.context) * s  # this rank's contiguous chunk
         if table is not None and start + s <= table[0].size(0):
             return table[0][start:start + s], table[1][start:start + s]
-        return rope_cos_sin(chunk_positions(s, self.context, device, packing.start_pos), self.head_dim,
-                            self.cfg.rope_theta)
+        return rope_cos_sin(chunk_positions(s, self.context, device, packing.start_pos), self.cfg, self.head_dim)
 
     def forward(self, x: torch.Tensor, packing: Packing | None = None, cache: KVCache | None = None) -> torch.Tensor:
         packing = packing or Packing()

@@ -94,3 +94,36 @@ def test_reshard_zero3_bf16_to_pipeline(checkpoints, tmp_path):
     reshard(checkpoints["llama_tp2_z3"], tmp_path / "ok", tensor=1, pipeline=2, overrides=["zero.stage=1"])
     a, b = read_state(open_checkpoint(checkpoints["llama_tp2_z3"]))[0], read_state(open_checkpoint(tmp_path / "ok"))[0]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_llama_with_llama3_rope_goes_in_at_tp2_pp2_and_out_unchanged(tmp_path):
+    # model.rope_scaling (issue 22): from-hf keeps Llama 3.1's rope parameters, to-hf writes them back;
+    # to-hf's own check compares megalm's logits with the exported transformers model's
+    import json
+    import subprocess
+    import sys
+
+    from megalm.convert.hf_tokenizer import export_tokenizer
+    from megalm.data.tokenizer import ByteTokenizer
+    from megalm.testing.runs import REPO, train_env
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    cfg = transformers.LlamaConfig(vocab_size=257, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   rope_parameters=rope, tie_word_embeddings=False, bos_token_id=None,
+                                   eos_token_id=256, pad_token_id=256)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "x")
+    export_tokenizer(ByteTokenizer(), tmp_path / "x")
+    tool = [sys.executable, str(REPO / "tools" / "convert_checkpoint.py")]
+    for args in (["from-hf", "--hf", str(tmp_path / "x"), "--output", str(tmp_path / "run"), "--tp", "2", "--pp", "2"],
+                 ["to-hf", "--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "y")]):
+        r = subprocess.run([*tool, *args], env=train_env(), capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["max_abs_logit_diff"] < 1e-4
+    written = json.loads((tmp_path / "y" / "config.json").read_text())["rope_parameters"]
+    assert {k: written[k] for k in rope} == rope
+    a, b = load_file(str(tmp_path / "x" / "model.safetensors")), load_file(str(tmp_path / "y" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -149,7 +149,7 @@ def test_blocks_reading_the_rope_table_equal_blocks_computing_rope():
     # the model's cos/sin buffers (read by every block) against rope_cos_sin per block: whole
     # sequences, restarted document positions, a KV-cache offset; the buffers stay out of the weights
     from megalm.model.documents import Packing
-    from megalm.model.layers import rope_cos_sin
+    from megalm.model.rope import rope_cos_sin
 
     cfg = _cfg()
     model = GPT(cfg, _tp()).eval()
@@ -161,7 +161,7 @@ def test_blocks_reading_the_rope_table_equal_blocks_computing_rope():
         read = model.blocks[0](h, Packing(positions, start_pos=start, rope=table))
         computed = model.blocks[0](h, Packing(positions, start_pos=start))
         assert torch.equal(read, computed)
-    cos, sin = rope_cos_sin(restarts, 8, cfg.rope_theta)
+    cos, sin = rope_cos_sin(restarts, cfg, 8)
     assert torch.equal(model.rope_cos[restarts], cos) and torch.equal(model.rope_sin[restarts], sin)
     out = model(_tokens())
     model.rope_cos.mul_(-1)  # a wrong table changes the output: the blocks do read it

@@ -69,3 +69,16 @@ def test_sequence_parallel_under_a_pipeline_with_recompute_matches_reference(byt
         assert max_relative_difference(losses, reference) <= FP32_RTOL, extra
     tied = base(byte_shards, "model.tie_embeddings=true")  # another model: its own reference
     assert max_relative_difference(run_layout(layout, TINY, tied), run_layout(REFERENCE, TINY, tied)) <= FP32_RTOL
+
+
+@pytest.mark.slow
+def test_scaled_rope_under_tensor_sequence_pipeline_and_context_matches_reference(byte_shards):
+    # model.rope_scaling (issue 22): the model's table (one process, TP, CP) and the per-block
+    # computation (pipeline stages) give the same RoPE; 64-token samples pass the 16-token original
+    overrides = base(byte_shards, "model.rope_scaling=yarn", "model.rope_factor=4", "model.rope_original_max_seq_len=16")
+    reference = run_layout(REFERENCE, TINY, overrides)
+    assert max_relative_difference(reference, run_layout(REFERENCE, TINY, base(byte_shards))) > 1e-4  # it matters
+    for layout, extra in [(Layout(tensor=2, pipeline=2, sequence_parallel=True), "model.activation_checkpointing=true"),
+                          (Layout(context=2), "model.loss_chunk_tokens=24")]:
+        losses = run_layout(layout, TINY, [*overrides, extra])
+        assert max_relative_difference(losses, reference) <= FP32_RTOL, layout.name
