@@ -226,7 +226,7 @@ def test_document_mask_bytes_are_a_real_masks():
     mask = document_block_mask(documents)
     tensors = [mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices, documents]
     assert sum(t.nbytes for t in tensors) == document_mask_bytes(2, 1000)
-    dense = Packing(documents=documents).document_mask(cuda=False)
+    dense = Packing(documents=documents).document_mask(cuda=False, seq=1000)
     assert dense.nbytes == document_mask_bytes(2, 1000, device="cpu")
     cfg = load_config(ROOT / "configs" / "llama-7b.yaml", ["model.document_mask=true"])
     masked, plain = make_plan(cfg, 8), make_plan(load_config(ROOT / "configs" / "llama-7b.yaml"), 8)

@@ -26,8 +26,13 @@ from megalm.errors import MegalmError
 @dataclass(kw_only=True)
 class ModelConfig:
     arch: Literal["llama", "gpt2"] = "llama"
-    """Architecture family: llama (RMSNorm, RoPE, SwiGLU, no biases) or gpt2 (LayerNorm, learned
+    """Block structure: llama (RMSNorm, RoPE, SwiGLU, no biases) or gpt2 (LayerNorm, learned
     positions, tanh-GELU, biases)."""
+    family: Literal["", "llama", "gpt2", "qwen2", "qwen3", "mistral"] = ""
+    """The Hugging Face family: the transformers class and model_type to-hf writes, and the features
+    that class has (qwen2: qkv_bias; qwen3: qk_norm; mistral, qwen2/3: sliding_window; llama, qwen3,
+    mistral: a free head_dim); checked at start-up. from-hf sets it. Default: arch.
+    megalm/convert/families.py."""
     hidden_size: int = 256
     """Model width d."""
     num_layers: int = 4
@@ -36,6 +41,20 @@ class ModelConfig:
     """Attention (query) heads; hidden_size must divide by it."""
     num_kv_heads: int | None = None
     """Key/value heads for grouped-query attention (1 = multi-query). Default: num_heads."""
+    head_dim: int | None = None
+    """Width of each attention head, free of hidden_size / num_heads (Qwen3: 128 with hidden 4096 and
+    32 heads; the attention output projection maps num_heads * head_dim back to hidden_size).
+    Default: hidden_size / num_heads."""
+    qkv_bias: bool = False
+    """Biases on the q, k and v projections, not the output one (Qwen2/2.5), split with their
+    columns under tensor parallelism (gpt2 has every bias regardless)."""
+    qk_norm: bool = False
+    """RMSNorm (eps norm_eps, one weight of head_dim shared by the heads) over each head's q and k,
+    before RoPE (Qwen3). Its weights are replicated on the tensor ranks (their gradient summed)."""
+    sliding_window: int = 0
+    """Each token attends to itself and the sliding_window - 1 tokens before it (Mistral v0.1: 4096),
+    combined with document_mask when both are set: FlexAttention with a block mask on GPU, SDPA
+    with a boolean mask on CPU. 0: the whole causal context."""
     ffn_hidden_size: int | None = None
     """MLP inner width. Default: 4*d for gpt2; for llama 8/3*d rounded up to a multiple of 256 (as Meta's Llama)."""
     vocab_size: int = 32000
@@ -92,6 +111,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
+        if self.head_dim is None and self.num_heads > 0 and self.hidden_size % self.num_heads == 0:
+            self.head_dim = self.hidden_size // self.num_heads  # else validation names the keys
+        if not self.family:
+            self.family = self.arch
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = 4 * self.hidden_size if self.arch == "gpt2" else llama_ffn_width(self.hidden_size)
         if self.tie_embeddings is None:

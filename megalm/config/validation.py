@@ -36,16 +36,19 @@ def validate_model(m: ModelConfig) -> None:
     for key in ("hidden_size", "num_layers", "num_heads", "vocab_size", "max_seq_len"):
         _check(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
     _check(m.make_vocab_size_divisible_by > 0, "model.make_vocab_size_divisible_by must be positive")
-    _check(
-        m.hidden_size % m.num_heads == 0,
-        f"model.hidden_size ({m.hidden_size}) must divide by model.num_heads ({m.num_heads})",
-    )
+    _check(m.head_dim is not None, f"model.hidden_size ({m.hidden_size}) must divide by model.num_heads "
+                                   f"({m.num_heads}), or set model.head_dim")
+    _check(m.head_dim > 0, f"model.head_dim must be positive, got {m.head_dim}")
     _check(
         0 < m.num_kv_heads <= m.num_heads and m.num_heads % m.num_kv_heads == 0,
         f"model.num_heads ({m.num_heads}) must be a multiple of model.num_kv_heads ({m.num_kv_heads})",
     )
     if m.arch == "llama":
-        _check((m.hidden_size // m.num_heads) % 2 == 0, "llama needs an even head dimension for RoPE")
+        _check(m.head_dim % 2 == 0, f"llama needs an even model.head_dim for RoPE, got {m.head_dim}")
+    _check(m.sliding_window >= 0, f"model.sliding_window must be >= 0 (0: no window), got {m.sliding_window}")
+    _check(not m.sliding_window or m.dropout == 0.0,
+           f"model.sliding_window needs model.dropout=0 (got {m.dropout}): FlexAttention has no attention dropout")
+    check_family(m)
     _check(m.ffn_hidden_size > 0, "model.ffn_hidden_size must be positive")
     _check(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
     _check(m.init_std > 0, "model.init_std must be positive")
@@ -61,6 +64,14 @@ def validate_model(m: ModelConfig) -> None:
         _check(m.rope_scaling != "llama3" or m.rope_high_freq_factor > m.rope_low_freq_factor,
                f"model.rope_high_freq_factor ({m.rope_high_freq_factor}) must exceed model.rope_low_freq_factor "
                f"({m.rope_low_freq_factor})")
+
+
+def check_family(m: ModelConfig) -> None:
+    """model.family names a family whose transformers class has exactly the model's features."""
+    from megalm.convert.families import family_mismatch  # noqa: PLC0415 - the families import the config
+
+    problem = family_mismatch(m)
+    _check(problem is None, f"model.family={m.family}: {problem}")
 
 
 def _validate_parallel(cfg: Config, world_size: int) -> None:

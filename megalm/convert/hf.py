@@ -1,4 +1,4 @@
-"""megalm checkpoints <-> Hugging Face transformers directories (Llama and GPT-2).
+"""megalm checkpoints <-> Hugging Face transformers directories (the families of megalm.convert.families).
 
 to_hf: checkpoint -> one fp32 parameter at a time (reader) -> HF names (hf_names) -> safetensors
 shards of at most max_shard_size (with transformers' index) + config.json + generation_config.json +
@@ -27,9 +27,8 @@ import torch
 
 from megalm import seams
 from megalm.config import Config, ModelConfig, load_config
+from megalm.convert import families
 from megalm.convert.hf_import import load_hf_dir
-from megalm.convert.hf_names import gpt2_to_hf, llama_to_hf
-from megalm.convert.hf_rope import rope_to_hf
 from megalm.convert.hf_tokenizer import MEGALM_SIDECAR, export_tokenizer, tokenizer_from_hf_dir
 from megalm.convert.reader import CheckpointReader, open_checkpoint
 from megalm.convert.universal import write_universal
@@ -46,32 +45,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def hf_config(cfg: ModelConfig, tokenizer: Any, dtype: torch.dtype) -> Any:
-    """The transformers config of a megalm model; bos/eos/pad from the megalm tokenizer (eos = EOD)."""
-    import transformers  # noqa: PLC0415 - heavy
-
+    """The transformers config of a megalm model (its family's class); bos/eos/pad from the megalm
+    tokenizer (eos = EOD)."""
     special = {"bos_token_id": tokenizer.bos, "eos_token_id": tokenizer.eod, "pad_token_id": tokenizer.pad}
-    if cfg.arch == "llama":
-        return transformers.LlamaConfig(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
-            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-            head_dim=cfg.hidden_size // cfg.num_heads, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-            **seams.rope_kwargs(rope_to_hf(cfg)), hidden_act="silu",
-            tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False,
-            attention_dropout=cfg.dropout, **seams.dtype_kwargs(dtype), **special,
-        )
-    if cfg.num_kv_heads != cfg.num_heads:
-        raise MegalmError("a gpt2 model with num_kv_heads != num_heads has no GPT2LMHeadModel equivalent")
-    return transformers.GPT2Config(
-        vocab_size=cfg.vocab_size, n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads,
-        n_positions=cfg.max_seq_len, n_inner=cfg.ffn_hidden_size, activation_function="gelu_new",
-        layer_norm_epsilon=cfg.norm_eps, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-        tie_word_embeddings=cfg.tie_embeddings, **seams.dtype_kwargs(dtype), **special,
-    )
+    return families.hf_config(cfg, special, dtype)
 
 
 def to_hf_tensors(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) of the HF model, one module at a time (`state` may read lazily)."""
-    return llama_to_hf(state, cfg) if cfg.arch == "llama" else gpt2_to_hf(state, cfg)
+    return families.family_of(cfg).to_hf(state, cfg)
 
 
 class LazyState(Mapping):
@@ -150,8 +132,7 @@ def save_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig, tokenizer: Any,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     config = hf_config(cfg, tokenizer, dtype)
-    cls = transformers.LlamaForCausalLM if cfg.arch == "llama" else transformers.GPT2LMHeadModel
-    config.architectures = [cls.__name__]
+    cls = families.hf_model_class(cfg)
     config.save_pretrained(str(tmp))
     transformers.GenerationConfig(bos_token_id=tokenizer.bos, eos_token_id=tokenizer.eod,
                                   pad_token_id=tokenizer.pad).save_pretrained(str(tmp))
@@ -245,7 +226,7 @@ def to_hf(checkpoint: str | Path, output: str | Path, *, dtype: str = "fp32", ma
 
 def from_hf(hf_dir: str | Path, output: str | Path, *, tensor: int = 1, pipeline: int = 1, data_parallel: int = 1,
             config_file: str | None = None, overrides: list[str] = (), tokenizer: bool = True) -> Path:
-    """An HF Llama/GPT-2 directory -> RUN_DIR with a step-0 megalm checkpoint at tensor x pipeline."""
+    """An HF directory (a family of megalm.convert.families) -> RUN_DIR with a step-0 megalm checkpoint at tensor x pipeline."""
     hf_dir, run_dir = Path(hf_dir), Path(output)
     if not hf_dir.is_dir():
         raise MegalmError(f"Hugging Face directory {hf_dir} does not exist")

@@ -1,63 +1,24 @@
-"""Hugging Face Llama / GPT-2 directories -> megalm: the ModelConfig and the GPT state dict.
-
-Unsupported features (a RoPE type other than hf_rope.SUPPORTED, biases in Llama, a custom head_dim, other activations) are a
-MegalmError naming the feature, never a silently different model.
+"""Hugging Face model directories -> megalm: the ModelConfig and the GPT state dict, through the
+directory's family (megalm.convert.families). A family not listed, or a feature megalm does not
+implement (a RoPE type other than hf_rope.SUPPORTED, Llama's o_proj bias, soft-capping, other
+activations), is a MegalmError naming it, never a silently different model.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from megalm import seams
-from megalm.config import ModelConfig, validate_model
-from megalm.convert.hf_names import gpt2_from_hf, llama_from_hf
-from megalm.convert.hf_rope import rope_from_hf
+from megalm.config import ModelConfig
+from megalm.convert.families import family_of, model_config_from_hf
 from megalm.errors import MegalmError
-
-
-def model_config_from_hf(config: Any) -> ModelConfig:
-    """ModelConfig of a transformers LlamaConfig / GPT2Config; unsupported features are MegalmErrors."""
-    t = config.model_type
-    if t == "llama":
-        _require(config.hidden_act == "silu", f"hidden_act {config.hidden_act}")
-        _require(not config.attention_bias and not config.mlp_bias, "attention/MLP biases")
-        _require(config.head_dim in (None, config.hidden_size // config.num_attention_heads), "a custom head_dim")
-        cfg = ModelConfig(
-            arch="llama", hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
-            num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads or config.num_attention_heads,
-            ffn_hidden_size=config.intermediate_size, vocab_size=config.vocab_size,
-            max_seq_len=config.max_position_embeddings, norm_eps=config.rms_norm_eps,
-            tie_embeddings=bool(config.tie_word_embeddings), dropout=0.0,
-            **rope_from_hf(seams.rope_parameters_of(config), config.max_position_embeddings),
-        )
-    elif t == "gpt2":
-        _require(config.activation_function in ("gelu_new", "gelu_pytorch_tanh"), f"activation {config.activation_function}")
-        _require(not config.scale_attn_by_inverse_layer_idx and config.scale_attn_weights, "non-standard attention scaling")
-        cfg = ModelConfig(
-            arch="gpt2", hidden_size=config.n_embd, num_layers=config.n_layer, num_heads=config.n_head,
-            ffn_hidden_size=config.n_inner or 4 * config.n_embd, vocab_size=config.vocab_size,
-            max_seq_len=config.n_positions, norm_eps=config.layer_norm_epsilon,
-            tie_embeddings=bool(getattr(config, "tie_word_embeddings", True)), dropout=0.0,
-        )
-    else:
-        raise MegalmError(f"model_type '{t}' is not supported: megalm converts llama and gpt2")
-    validate_model(cfg)
-    return cfg
-
-
-def _require(ok: bool, what: str) -> None:
-    if not ok:
-        raise MegalmError(f"this Hugging Face model uses {what}, which megalm's GPT does not implement")
 
 
 def from_hf_state(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """HF state -> megalm GPT state with the tokenizer's vocabulary rows (no padding)."""
-    convert = llama_from_hf if cfg.arch == "llama" else gpt2_from_hf
     try:
-        return convert(hf, cfg, cfg.vocab_size)
+        return family_of(cfg).from_hf(hf, cfg, cfg.vocab_size)
     except KeyError as e:
         raise MegalmError(f"the Hugging Face weights lack {e.args[0]}") from None
 

@@ -1,5 +1,7 @@
-"""Parameter names and layouts between megalm's GPT (tensor size 1) and Hugging Face's
-LlamaForCausalLM / GPT2LMHeadModel. Only the mapping; the checkpoint converter builds on it.
+"""Parameter names and layouts between megalm's GPT (tensor size 1) and Hugging Face's Llama-like
+causal LMs (Llama, Qwen2, Qwen3, Mistral: one naming, `model.layers.N.self_attn.q_proj`, with the
+tensors of the features the model has) and GPT2LMHeadModel. Only the mapping; which family uses
+which is megalm.convert.families.
 
 Layout differences handled here:
 - megalm fuses Q, K, V by kv group: [q heads of group g, k_g, v_g] for g = 0..G-1 (see
@@ -36,8 +38,9 @@ def split_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int) -> tuple[tor
     return q, grouped[:, r].reshape(-1, *rest), grouped[:, r + 1].reshape(-1, *rest)
 
 
-def llama_from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig, padded_vocab: int) -> dict[str, torch.Tensor]:
-    """HF LlamaForCausalLM state dict -> megalm GPT (tensor size 1) state dict."""
+def decoder_from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig, padded_vocab: int) -> dict[str, torch.Tensor]:
+    """HF Llama-like state dict -> megalm GPT (tensor size 1) state dict; q/k/v biases (qkv_bias)
+    fused by kv group as the weights, qk-norm weights (qk_norm) as they are."""
     out = {"embedding.word.weight": pad_vocab_rows(hf["model.embed_tokens.weight"], padded_vocab),
            "final_norm.norm.weight": hf["model.norm.weight"]}
     if not cfg.tie_embeddings:
@@ -46,9 +49,13 @@ def llama_from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig, padded_vocab: i
         h, m = f"model.layers.{i}.", f"blocks.{i}."
         out[m + "norm1.weight"] = hf[h + "input_layernorm.weight"]
         out[m + "norm2.weight"] = hf[h + "post_attention_layernorm.weight"]
-        out[m + "attn.qkv.weight"] = fuse_qkv(
-            *(hf[f"{h}self_attn.{x}_proj.weight"] for x in "qkv"), cfg.num_heads, cfg.num_kv_heads
-        )
+        for kind in ("weight", "bias") if cfg.qkv_bias else ("weight",):
+            out[f"{m}attn.qkv.{kind}"] = fuse_qkv(
+                *(hf[f"{h}self_attn.{x}_proj.{kind}"] for x in "qkv"), cfg.num_heads, cfg.num_kv_heads
+            )
+        if cfg.qk_norm:
+            out[m + "attn.q_norm.weight"] = hf[h + "self_attn.q_norm.weight"]
+            out[m + "attn.k_norm.weight"] = hf[h + "self_attn.k_norm.weight"]
         out[m + "attn.proj.weight"] = hf[h + "self_attn.o_proj.weight"]
         out[m + "mlp.fc1.weight"] = torch.cat([hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]])
         out[m + "mlp.fc2.weight"] = hf[h + "mlp.down_proj.weight"]
@@ -76,8 +83,8 @@ def gpt2_from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig, padded_vocab: in
     return out
 
 
-def llama_to_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """megalm GPT (tensor size 1, vocabulary padding stripped) -> (HF LlamaForCausalLM name, tensor),
+def decoder_to_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """megalm GPT (tensor size 1, vocabulary padding stripped) -> (HF Llama-like name, tensor),
     one module at a time: `state` may read each parameter only when it is asked for. With tied
     embeddings lm_head.weight is left out (HF ties it to embed_tokens)."""
     yield "model.embed_tokens.weight", state["embedding.word.weight"]
@@ -85,8 +92,12 @@ def llama_to_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Iterator
         h, m = f"model.layers.{i}.", f"blocks.{i}."
         yield h + "input_layernorm.weight", state[m + "norm1.weight"]
         yield h + "post_attention_layernorm.weight", state[m + "norm2.weight"]
-        q, k, v = split_qkv(state[m + "attn.qkv.weight"], cfg.num_heads, cfg.num_kv_heads)
-        yield from ((f"{h}self_attn.{x}_proj.weight", t.contiguous()) for x, t in zip("qkv", (q, k, v), strict=True))
+        for kind in ("weight", "bias") if cfg.qkv_bias else ("weight",):
+            q, k, v = split_qkv(state[f"{m}attn.qkv.{kind}"], cfg.num_heads, cfg.num_kv_heads)
+            yield from ((f"{h}self_attn.{x}_proj.{kind}", t.contiguous()) for x, t in zip("qkv", (q, k, v), strict=True))
+        if cfg.qk_norm:
+            yield h + "self_attn.q_norm.weight", state[m + "attn.q_norm.weight"]
+            yield h + "self_attn.k_norm.weight", state[m + "attn.k_norm.weight"]
         yield h + "self_attn.o_proj.weight", state[m + "attn.proj.weight"]
         gate, up = state[m + "mlp.fc1.weight"].chunk(2, dim=0)
         yield h + "mlp.gate_proj.weight", gate.contiguous()
@@ -99,7 +110,7 @@ def llama_to_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Iterator
 
 def gpt2_to_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """megalm GPT (tensor size 1, padding stripped) -> (HF GPT2LMHeadModel name, tensor) (Conv1D
-    weights are [in, out]), one module at a time as llama_to_hf."""
+    weights are [in, out]), one module at a time as decoder_to_hf."""
     yield "transformer.wte.weight", state["embedding.word.weight"]
     yield "transformer.wpe.weight", state["embedding.position.weight"]
     n = cfg.num_heads

@@ -1,7 +1,8 @@
 """Parameter counts and training FLOPs per token, from the ModelConfig alone.
 
-Notation: d hidden, L layers, H query heads, G kv heads, h = d / H head dim, f MLP width,
-V the tokenizer's vocabulary (padding excluded), T sequence length.
+Notation: d hidden, L layers, H query heads, G kv heads, h head dim (model.head_dim, d / H unless
+set), f MLP width, V the tokenizer's vocabulary (padding excluded), T sequence length (the sliding
+window W when it is shorter: a query sees at most W keys).
 
 Two FLOP conventions (a multiply-add is 2 FLOPs; training = forward + backward = 3 x forward):
 
@@ -21,12 +22,13 @@ from megalm.config import ModelConfig
 
 def block_parameters(cfg: ModelConfig) -> tuple[int, int]:
     """(matmul weights, all parameters) of one transformer block."""
-    d, h = cfg.hidden_size, cfg.hidden_size // cfg.num_heads
+    d, h = cfg.hidden_size, cfg.head_dim
     qkv = d * (cfg.num_heads + 2 * cfg.num_kv_heads) * h
     proj = cfg.num_heads * h * d
-    if cfg.arch == "llama":  # SwiGLU: gate, up, down; two RMSNorm weights; no biases
+    if cfg.arch == "llama":  # SwiGLU: gate, up, down; two RMSNorm weights; q/k/v biases, qk-norm weights if set
         mlp = 3 * d * cfg.ffn_hidden_size
-        return qkv + proj + mlp, qkv + proj + mlp + 2 * d
+        extra = (cfg.num_heads + 2 * cfg.num_kv_heads) * h * cfg.qkv_bias + 2 * h * cfg.qk_norm
+        return qkv + proj + mlp, qkv + proj + mlp + 2 * d + extra
     mlp = 2 * d * cfg.ffn_hidden_size
     biases = (cfg.num_heads + 2 * cfg.num_kv_heads) * h + d + cfg.ffn_hidden_size + d
     return qkv + proj + mlp, qkv + proj + mlp + biases + 4 * d  # + two LayerNorms (weight, bias)
@@ -58,19 +60,24 @@ def count_module_parameters(model: nn.Module, *, embeddings: bool = True) -> int
     return total
 
 
+def _context(cfg: ModelConfig, seq_len: int) -> int:
+    """The keys a query attends to at most: T, or the sliding window when shorter."""
+    return min(seq_len, cfg.sliding_window) if cfg.sliding_window else seq_len
+
+
 def flops_per_token_palm(cfg: ModelConfig, seq_len: int) -> int:
     """Training FLOPs per token, PaLM convention: 6 N + 12 L H h T (N without embeddings/head)."""
-    attention = 12 * cfg.num_layers * cfg.num_heads * (cfg.hidden_size // cfg.num_heads) * seq_len
+    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * _context(cfg, seq_len)
     return 6 * count_parameters(cfg, embeddings=False) + attention
 
 
 def flops_per_token_megatron(cfg: ModelConfig, seq_len: int, *, recompute: bool = False) -> int:
     """Training FLOPs per token, Megatron convention: 3 (or 4 with full recomputation) x the
     forward matmul FLOPs of the blocks, the attention scores and values, and the LM head."""
-    d, heads_dim = cfg.hidden_size, cfg.num_heads * (cfg.hidden_size // cfg.num_heads)
+    d, heads_dim = cfg.hidden_size, cfg.num_heads * cfg.head_dim
     forward = (
         2 * cfg.num_layers * block_parameters(cfg)[0]
-        + 4 * cfg.num_layers * seq_len * heads_dim  # Q K^T and (softmax) V
+        + 4 * cfg.num_layers * _context(cfg, seq_len) * heads_dim  # Q K^T and (softmax) V
         + 2 * d * cfg.vocab_size  # LM head
     )
     return (4 if recompute else 3) * forward

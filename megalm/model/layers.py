@@ -1,7 +1,9 @@
 """Transformer building blocks: norms, rotary embedding, KV cache, attention, MLP.
 
 Written to be exactly Hugging Face's LlamaForCausalLM (RMSNorm, rotate-half RoPE, SwiGLU, GQA,
-no biases) and GPT2LMHeadModel (LayerNorm, tanh-GELU, biases) so weights convert one to one.
+no biases) and GPT2LMHeadModel (LayerNorm, tanh-GELU, biases), with the features of the families
+built on Llama (q/k/v biases of Qwen2, per-head qk-norm and a free head_dim of Qwen3, Mistral's
+sliding window), so weights convert one to one.
 Attention and MLP are built from the tensor-parallel layers of megalm.parallel.layers, split as
 the TensorParallel context says; with one tensor rank they are plain single-process layers.
 """
@@ -17,7 +19,7 @@ from torch import nn
 
 from megalm.config import ModelConfig
 from megalm.errors import MegalmError
-from megalm.model.documents import Packing, document_attention
+from megalm.model.documents import Packing, causal_mask, masked_attention
 from megalm.model.rope import rope_cos_sin
 from megalm.parallel.context import TensorParallel
 from megalm.parallel.context_parallel import UlyssesAttention, chunk_positions
@@ -124,12 +126,12 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.rng, self.context = cfg, tp.rng, tp.context
         self.ulysses = UlyssesAttention(self._attend, tp.context) if tp.context is not None else None
-        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.head_dim = cfg.head_dim
         self.heads, self.kv_heads = _local_heads(cfg, tp.size)
         bias = cfg.arch == "gpt2"
         qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * self.head_dim
         self.qkv = ColumnParallelLinear(
-            cfg.hidden_size, qkv_out, group=tp.group, bias=bias, sequence_parallel=tp.sequence_parallel,
+            cfg.hidden_size, qkv_out, group=tp.group, bias=bias or cfg.qkv_bias, sequence_parallel=tp.sequence_parallel,
             init_method=normal_init(cfg.init_std, generator),
         )
         self.proj = RowParallelLinear(
@@ -137,6 +139,12 @@ class Attention(nn.Module):
             sequence_parallel=tp.sequence_parallel,
             init_method=normal_init(cfg.init_std / math.sqrt(2 * cfg.num_layers), generator),
         )
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm:  # each rank normalises its own heads: the shared weights' gradients are summed
+            self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps, group=tp.group, sequence_parallel=True)
+            self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps, group=tp.group, sequence_parallel=True)
+            for norm in (self.q_norm, self.k_norm):
+                mark_replicated(norm, sequence_parallel=True)
 
     def _rope(self, packing: Packing, s: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of this rank's s positions: rows of the model's table (packed positions restart
@@ -158,6 +166,8 @@ class Attention(nn.Module):
         qkv = qkv.view(b, s, self.kv_heads, per_group + 2, self.head_dim)
         q = qkv[:, :, :, :per_group].reshape(b, s, self.heads, self.head_dim)  # (batch, seq, heads, head_dim)
         k, v = qkv[:, :, :, per_group], qkv[:, :, :, per_group + 1]  # (batch, seq, kv_heads, head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.cfg.arch == "llama":
             cos, sin = self._rope(packing, s, x.device)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -171,19 +181,19 @@ class Attention(nn.Module):
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, packing: Packing) -> torch.Tensor:
         """(batch, seq, heads, head_dim) -> the same: softmax(q k^T / sqrt(head_dim) + mask) v, the
-        mask causal, within each document when the packing has documents."""
+        mask causal, within each document when the packing has documents, within the sliding window
+        when the model has one (megalm.model.documents)."""
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (batch, heads, seq, head_dim)
-        if packing.documents is not None:
-            return document_attention(q, k, v, packing).transpose(1, 2)
-        s, total, start_pos = q.size(2), k.size(2), packing.start_pos
-        mask, causal = None, start_pos == 0
-        if start_pos > 0 and s > 1:  # new queries at start_pos.. see keys up to their own position
-            rows = torch.arange(start_pos, start_pos + s, device=q.device)[:, None]
-            mask = torch.arange(total, device=q.device)[None, :] <= rows  # (seq, total)
+        s, total, start_pos, window = q.size(2), k.size(2), packing.start_pos, self.cfg.sliding_window
+        if packing.documents is not None or (window and start_pos == 0 and s > 1):
+            return masked_attention(q, k, v, packing, window).transpose(1, 2)
+        mask = None
+        if start_pos > 0 and (s > 1 or window):  # new queries at start_pos.. see keys up to their own position
+            mask = causal_mask(start_pos, s, total, window, q.device)
         p = self.cfg.dropout if self.training else 0.0
         with maybe_fork(self.rng if p > 0 else None):  # heads differ per tensor rank: the tracker
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal and s > 1,
+                q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None and s > 1,
                 enable_gqa=q.size(1) != k.size(1),
             )
         return out.transpose(1, 2)

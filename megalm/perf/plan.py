@@ -3,7 +3,8 @@
 Notation: Psi = parameter elements one rank holds (its pipeline stage, its tensor shard, the
 padded vocabulary: what is really allocated), N = data-parallel size, w = bytes of a weight in
 the training precision (2 for bf16/fp16, 4 for fp32), t = tensor-parallel size, s = sequence
-length, b = micro batch, d = hidden size, f = MLP width, k = kv width (num_kv_heads x head_dim).
+length, b = micro batch, d = hidden size, f = MLP width, a = query width (num_heads x head_dim),
+k = kv width (num_kv_heads x head_dim).
 
 Model states follow ZeRO (Rajbhandari et al. 2020) as DeepSpeed implements it, in bytes per rank:
 
@@ -21,7 +22,8 @@ the transient fp32 gradient partition inside optimizer.step(), ZeRO-2/3 communic
 Under context parallelism (C = parallel.context) a rank holds s / C tokens of every sequence:
 every activation below is per token of that chunk (Ulysses' all-to-all trades the sequence split
 for a head split, the same bytes), and ZeRO partitions over N x C ranks (DeepSpeed's sequence
-data parallel group). Document masking adds its mask once per micro batch, shared by the blocks:
+data parallel group). Document masking or a sliding window adds its mask once per micro batch,
+shared by the blocks:
 on GPU FlexAttention's BlockMask, (s/128)^2 int32 tile indices twice (partial and full tiles)
 plus the document ids (`document_mask_bytes`); on CPU (SDPA) a boolean s x s mask per sample.
 
@@ -137,9 +139,9 @@ def activation_bytes_per_token(m: ModelConfig, precision: str, tensor: int, sequ
     """Bytes one transformer block keeps for backward, per token of the micro batch.
 
     With e = activation bytes (2 bf16/fp16, 4 fp32), sharded over t:
-      llama: e (qkv out d+2k, RoPE q d and k k, SDPA out d, proj input d) + e (fc1 out 2f, silu f, product f)
-             = e (4d + 3k + 4f)
-      gpt2:  e (qkv out d+2k, SDPA out d, proj input d, gelu in f, gelu out f) = e (3d + 2k + 2f)
+      llama: e (qkv out a+2k, RoPE q a and k k, SDPA out a, proj input a) + e (fc1 out 2f, silu f, product f)
+             = e (4a + 3k + 4f); qk-norm adds its fp32 input copies and outputs, (4 + e)(a + k)
+      gpt2:  e (qkv out a+2k, SDPA out a, proj input a, gelu in f, gelu out f) = e (3a + 2k + 2f)
     replicated over t (norm inputs sharded by sequence parallelism, matmul inputs gathered):
       llama: 2 x 4d (RMSNorm keeps an fp32 copy of its input) + e (qkv input d + MLP input d)
       gpt2:  2 x e d (LayerNorm inputs) + e (qkv input d + MLP input d)
@@ -147,11 +149,11 @@ def activation_bytes_per_token(m: ModelConfig, precision: str, tensor: int, sequ
     output (and a fp32 logsumexp per head and token, ignored): no s^2 term.
     """
     e, d, f = WEIGHT_BYTES[precision], m.hidden_size, m.ffn_hidden_size
-    k = m.num_kv_heads * (d // m.num_heads)
+    a, k = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
     if m.arch == "llama":
-        sharded, norms = e * (4 * d + 3 * k + 4 * f), 2 * 4 * d
+        sharded, norms = e * (4 * a + 3 * k + 4 * f) + (4 + e) * (a + k) * m.qk_norm, 2 * 4 * d
     else:
-        sharded, norms = e * (3 * d + 2 * k + 2 * f), 2 * e * d
+        sharded, norms = e * (3 * a + 2 * k + 2 * f), 2 * e * d
     seq_sharded = norms + (2 * d if m.dropout > 0 else 0)
     return sharded / tensor + seq_sharded / (tensor if sequence_parallel else 1) + e * 2 * d
 
@@ -211,8 +213,9 @@ def stage_activations(cfg: Config, blocks: int, in_flight: int, last: bool, chec
         total = in_flight * blocks * per_block
     if last:
         total += head_bytes(m, prec, t, sp, tokens)
-    if m.document_mask and blocks:
-        total += in_flight * document_mask_bytes(cfg.train.micro_batch_size, cfg.data.seq_len)
+    if (m.document_mask or m.sliding_window) and blocks:
+        batch = cfg.train.micro_batch_size if m.document_mask else 1  # a window alone: one mask for all
+        total += in_flight * document_mask_bytes(batch, cfg.data.seq_len)
     return int(total)
 
 

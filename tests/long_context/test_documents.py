@@ -82,8 +82,10 @@ def test_packed_batch_equals_documents_run_alone(arch, loss_chunk, reset):
     assert abs(unmasked.item() - packed.item()) > 1e-4
 
 
+@pytest.mark.parametrize("window", [0, 70])
 @pytest.mark.parametrize("seq, block", [(300, 128), (256, 64), (50, 16), (128, 128)])
-def test_flex_block_mask_equals_the_dense_mask(seq, block):
+def test_flex_block_mask_equals_the_dense_mask(seq, block, window):
+    # with a sliding window (Mistral) as well as documents: the same tiles and the same attention
     g = torch.Generator().manual_seed(seq)
     documents = torch.zeros(3, seq, dtype=torch.int64)
     for cut in torch.randint(1, seq, (7,), generator=g).tolist():
@@ -91,8 +93,8 @@ def test_flex_block_mask_equals_the_dense_mask(seq, block):
     documents[1, seq // 2:] = 1  # row 2: one document
     q = torch.randn(3, 4, seq, 16, generator=g)
     k, v = torch.randn(3, 2, seq, 16, generator=g), torch.randn(3, 2, seq, 16, generator=g)
-    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=document_dense_mask(documents), enable_gqa=True)
-    mask = document_block_mask(documents, block)
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=document_dense_mask(documents, window), enable_gqa=True)
+    mask = document_block_mask(documents, window, block=block)
     with warnings.catch_warnings():  # uncompiled FlexAttention warns that it is the reference path
         warnings.simplefilter("ignore", UserWarning)
         flex = flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
@@ -100,10 +102,10 @@ def test_flex_block_mask_equals_the_dense_mask(seq, block):
     tiles = -(-seq // block)
     assert mask.kv_num_blocks.shape == (3, 1, tiles)
     if seq >= 4 * block:  # tiles between different documents are skipped: sparser than causal alone
-        causal = document_block_mask(torch.zeros_like(documents), block)
+        causal = document_block_mask(torch.zeros_like(documents), window, block=block)
         assert mask.sparsity() > causal.sparsity() > 0
     if seq % block == 0:  # each tile as the dense mask has it: all pairs allowed (full), some, none
-        allowed = document_dense_mask(documents).reshape(3, tiles, block, tiles, block)
+        allowed = document_dense_mask(documents, window).reshape(3, tiles, block, tiles, block)
         full, some = allowed.all(4).all(2), allowed.any(4).any(2)
         assert torch.equal(mask.full_kv_num_blocks[:, 0], full.sum(-1, dtype=torch.int32))
         assert torch.equal(mask.kv_num_blocks[:, 0], (some & ~full).sum(-1, dtype=torch.int32))
@@ -111,7 +113,10 @@ def test_flex_block_mask_equals_the_dense_mask(seq, block):
             for t in range(tiles):
                 n = int(mask.full_kv_num_blocks[b, 0, t])
                 assert set(mask.full_kv_indices[b, 0, t, :n].tolist()) == set(full[b, t].nonzero().flatten().tolist())
-        if tiles > 2:  # two documents: fewer full tiles than one document has
+        if window and block < window:  # the window leaves tiles out that causality alone keeps
+            no_window = document_dense_mask(documents).reshape(3, tiles, block, tiles, block).any(4).any(2)
+            assert some.sum() < no_window.sum()
+        if tiles > 2 and not window:  # two documents: fewer full tiles than one document has
             assert full[1].sum() < full[2].sum()
 
 
@@ -189,13 +194,13 @@ def test_shards_without_eod_are_one_line_and_exit_2(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the compiled FlexAttention path)")
 def test_compiled_flex_document_attention_on_gpu_equals_the_dense_mask_with_gradients():
-    from megalm.model.documents import Packing, document_attention
+    from megalm.model.documents import Packing, masked_attention
 
     g = torch.Generator().manual_seed(0)
     documents = (torch.arange(2 * 1024).reshape(2, 1024) // torch.tensor([[100], [333]])).cuda()
     q = torch.randn(2, 8, 1024, 64, generator=g).cuda().requires_grad_()
     k, v = (torch.randn(2, 2, 1024, 64, generator=g).cuda().requires_grad_() for _ in range(2))
-    out = document_attention(q, k, v, Packing(documents=documents))
+    out = masked_attention(q, k, v, Packing(documents=documents))
     out.square().sum().backward()
     flex_grads = [x.grad.clone() for x in (q, k, v)]
     for x in (q, k, v):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from megalm.config import ModelConfig
-from megalm.convert.hf_names import gpt2_from_hf, llama_from_hf, split_qkv
+from megalm.convert.hf_names import decoder_from_hf, gpt2_from_hf, split_qkv
 from megalm.model import GPT
 from megalm.parallel.context import TensorParallel
 
@@ -29,7 +29,7 @@ def _llama_pair(tie: bool, kv_heads: int):
     )
     ours = GPT(cfg, TensorParallel.build(None, seed=3)).eval()
     state = hf.state_dict()
-    ours.load_state_dict(llama_from_hf(state, cfg, ours.padded_vocab_size), strict=True)
+    ours.load_state_dict(decoder_from_hf(state, cfg, ours.padded_vocab_size), strict=True)
     return hf, ours
 
 

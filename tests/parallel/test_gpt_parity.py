@@ -1,5 +1,5 @@
 """GPT with tensor parallelism (sizes 1, 2, 4; sequence parallel on/off; llama and gpt2; padded
-vocab; GQA; the fused chunked loss and the unfused one) equals the unsharded model computing all
+vocab; GQA; the fused chunked loss and the unfused one; qk-norm, free head_dim, q/k/v biases, a window) equals the unsharded model computing all
 logits then the loss: init exactly, logits, loss and every gradient within 1e-5.
 
 Each rank builds the TP=1 reference (group None) with the same seed next to its shard, so one
@@ -116,6 +116,7 @@ def _run_cases(cases: list) -> dict:
     return results
 
 
+QWEN3 = {"family": "qwen3", "qk_norm": True, "head_dim": 12, "sliding_window": 6}
 CASES_TP2 = [
     ("llama-v1001-gqa2", ("llama", 1001, 4, 2, False, {})),
     ("llama-v1001-gqa2-sp", ("llama", 1001, 4, 2, True, {})),
@@ -124,8 +125,14 @@ CASES_TP2 = [
     ("llama-tied-ckpt-sp", ("llama", 1024, 4, 4, True, {"tie_embeddings": True, "activation_checkpointing": True})),
     ("gpt2-v1024-chunk7", ("gpt2", 1024, 4, 4, False, {"loss_chunk_tokens": 7})),
     ("gpt2-v1001-sp", ("gpt2", 1001, 4, 4, True, {})),
+    # issue 22's features: qk-norm weights (replicated, each rank normalising its own heads: the
+    # gradient is summed), a head_dim free of hidden / heads, q/k/v biases split by kv group, a window
+    ("qwen3-qknorm-hd12-window6-sp", ("llama", 1001, 4, 2, True, QWEN3)),
+    ("qwen3-qknorm-hd12-ckpt", ("llama", 1001, 4, 2, False, {**QWEN3, "activation_checkpointing": True})),
+    ("qwen2-qkvbias-sp", ("llama", 1001, 4, 2, True, {"family": "qwen2", "qkv_bias": True})),
 ]
 CASES_TP4 = [
+    ("qwen3-qknorm-gqa4-sp", ("llama", 1001, 8, 4, True, QWEN3)),
     ("llama-v1001-gqa4", ("llama", 1001, 8, 4, False, {})),
     ("llama-v1001-gqa4-sp-chunk9", ("llama", 1001, 8, 4, True, {"loss_chunk_tokens": 9})),
     ("gpt2-v1001-sp", ("gpt2", 1001, 4, 4, True, {})),

@@ -82,3 +82,24 @@ def test_scaled_rope_under_tensor_sequence_pipeline_and_context_matches_referenc
                           (Layout(context=2), "model.loss_chunk_tokens=24")]:
         losses = run_layout(layout, TINY, [*overrides, extra])
         assert max_relative_difference(losses, reference) <= FP32_RTOL, layout.name
+
+
+FAMILY_FEATURES = {  # issue 22: each family's features, with the sliding window and document masking
+    "qwen3": ["model.family=qwen3", "model.qk_norm=true", "model.head_dim=32", "model.sliding_window=24",
+              "model.document_mask=true"],
+    "qwen2": ["model.family=qwen2", "model.qkv_bias=true", "model.sliding_window=24", "model.tie_embeddings=true"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILY_FEATURES)
+def test_family_features_under_tensor_sequence_pipeline_and_context_match_reference(byte_shards, family):
+    # qk-norm's weights are replicated over the tensor ranks, each normalising its own heads: their
+    # gradients are summed (a rank's own would drift apart within 10 steps); q/k/v biases split with
+    # their columns by kv group; the window's mask (with the documents') on whole sequences under CP
+    overrides = base(byte_shards, *FAMILY_FEATURES[family])
+    reference = run_layout(REFERENCE, TINY, overrides)
+    for layout, extra in [(Layout(tensor=2, pipeline=2, sequence_parallel=True), "model.activation_checkpointing=true"),
+                          (Layout(context=2), "model.loss_chunk_tokens=24")]:
+        losses = run_layout(layout, TINY, [*overrides, extra])
+        assert max_relative_difference(losses, reference) <= FP32_RTOL, layout.name
