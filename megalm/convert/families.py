@@ -68,8 +68,6 @@ def _require(ok: bool, what: str) -> None:
 def _decoder_from_hf(c: Any, *, head_dim: bool, window: int = 0) -> dict[str, Any]:
     """The fields every Llama-like config shares (RMSNorm, RoPE, SwiGLU, GQA)."""
     _require(c.hidden_act == "silu", f"hidden_act {c.hidden_act}")
-    _require(not getattr(c, "final_logit_softcapping", None) and not getattr(c, "attn_logit_softcapping", None),
-             "logit soft-capping")
     default_head_dim = c.hidden_size // c.num_attention_heads
     hd = getattr(c, "head_dim", None) or default_head_dim
     _require(head_dim or hd == default_head_dim, f"head_dim {hd} (not hidden_size / num_attention_heads) in {c.model_type}")
@@ -100,8 +98,9 @@ def _qwen_window(c: Any) -> int:
 
 
 def _qwen_window_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    return dict(use_sliding_window=cfg.sliding_window > 0, sliding_window=cfg.sliding_window or None,
-                max_window_layers=0, layer_types=None)
+    if not cfg.sliding_window:
+        return dict(use_sliding_window=False)
+    return dict(use_sliding_window=True, sliding_window=cfg.sliding_window, max_window_layers=0)
 
 
 def _llama_from_hf(c: Any) -> dict[str, Any]:
@@ -203,16 +202,23 @@ def family_mismatch(cfg: ModelConfig) -> str | None:
     return f"{f.hf_class} cannot hold model.{bad[0]}={getattr(cfg, bad[0])}: {fix}"
 
 
+def check_supported(fields: Mapping[str, Any]) -> None:
+    """A MegalmError naming what megalm does not convert in a config.json's `fields` (read before
+    transformers parses them: its own refusal of a family megalm lacks would be a traceback)."""
+    _require(not fields.get("final_logit_softcapping") and not fields.get("attn_logit_softcapping"),
+             "logit soft-capping (final_logit_softcapping / attn_logit_softcapping, as Gemma 2)")
+    if fields.get("model_type") not in FAMILIES:
+        raise MegalmError(f"model_type '{fields.get('model_type')}' is not supported: megalm converts "
+                          f"{', '.join(FAMILIES)}")
+
+
 def model_config_from_hf(config: Any) -> ModelConfig:
     """ModelConfig of a transformers config; a family not listed or a field megalm does not
     implement is a MegalmError naming it."""
     from megalm.config import validate_model  # noqa: PLC0415 - validation imports this module
 
-    family = FAMILIES.get(config.model_type)
-    if family is None:
-        raise MegalmError(f"model_type '{config.model_type}' is not supported: megalm converts "
-                          f"{', '.join(FAMILIES)}")
-    cfg = ModelConfig(**family.config_from_hf(config))
+    check_supported(config.to_dict())
+    cfg = ModelConfig(**FAMILIES[config.model_type].config_from_hf(config))
     validate_model(cfg)
     return cfg
 

@@ -231,6 +231,19 @@ def from_hf(hf_dir: str | Path, output: str | Path, *, tensor: int = 1, pipeline
     if not hf_dir.is_dir():
         raise MegalmError(f"Hugging Face directory {hf_dir} does not exist")
     model_cfg, state = load_hf_dir(hf_dir)
+    created = not run_dir.exists()
+    try:
+        return _write_from_hf(hf_dir, run_dir, model_cfg, state, tensor, pipeline, data_parallel, config_file,
+                              overrides, tokenizer)
+    except BaseException:
+        if created:  # nothing half-written that looks like a run
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _write_from_hf(hf_dir: Path, run_dir: Path, model_cfg: ModelConfig, state: dict[str, torch.Tensor], tensor: int,
+                   pipeline: int, data_parallel: int, config_file: str | None, overrides: list[str],
+                   tokenizer: bool) -> Path:
     cfg = base_config(config_file, [*overrides, f"train.run_dir={run_dir}"])
     cfg.model = dataclasses.replace(model_cfg, init_std=cfg.model.init_std,
                                     activation_checkpointing=cfg.model.activation_checkpointing,
@@ -241,6 +254,9 @@ def from_hf(hf_dir: str | Path, output: str | Path, *, tensor: int = 1, pipeline
         kind, model_file = tokenizer_from_hf_dir(hf_dir, run_dir / "tokenizer")
         cfg.data.tokenizer_type, cfg.data.tokenizer_model = kind, model_file
         tok = build_tokenizer(kind, model_file)
+        if tok.vocab_size > model_cfg.vocab_size:
+            raise MegalmError(f"{hf_dir}: the tokenizer's {tok.vocab_size} ids do not fit the model's vocabulary of "
+                              f"{model_cfg.vocab_size} (vocab_size in config.json); is it the model's own tokenizer?")
         info, files = tok.describe(), tok.files()
     meta = CheckpointMeta.of_run(cfg, ParallelDims(tensor=1, pipeline=1, data=1), TrainState(), info)
     run_dir.mkdir(parents=True, exist_ok=True)

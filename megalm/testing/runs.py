@@ -48,3 +48,26 @@ def assert_resumed(run_dir: str | Path, written_before: int, checkpoint_step: in
     steps = loss_steps(run_dir)
     assert steps[written_before:] == list(range(checkpoint_step + 1, last_step + 1)), steps
     assert all(steps.count(s) == 1 for s in range(1, checkpoint_step + 1)), steps
+
+
+def hf_loss_on_first_batch(hf_dir: str | Path, run_dir: str | Path, prefix: str) -> float:
+    """transformers' mean loss (fp32) of the model in `hf_dir` on the first global batch the run in
+    `run_dir` (its config.yaml, its tokenizer) trains on from the shards at `prefix`."""
+    import torch  # noqa: PLC0415 - heavy, and only these tests need it
+    import transformers  # noqa: PLC0415
+
+    from megalm import seams  # noqa: PLC0415
+    from megalm.config import load_config  # noqa: PLC0415
+    from megalm.data.builder import build_datasets  # noqa: PLC0415
+    from megalm.data.tokenizer import build_tokenizer  # noqa: PLC0415
+
+    cfg = load_config(Path(run_dir) / "config.yaml", [f"data.train_prefixes=[{prefix}]", "train.steps=1"])
+    cfg = cfg.validate(cfg.parallel.tensor * cfg.parallel.pipeline)
+    t = cfg.train
+    tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+    train, _, _ = build_datasets(cfg.data, tokenizer, t.seed,
+                                 (t.steps * t.global_batch_size, t.eval_steps * t.global_batch_size, 0))
+    batch = torch.stack([torch.from_numpy(train[i].astype("int64")) for i in range(t.global_batch_size)])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, **seams.dtype_kwargs(torch.float32)).eval()
+    with torch.no_grad():
+        return seams.causal_lm_loss(hf, batch[:, :-1], batch[:, 1:]).item()

@@ -24,6 +24,7 @@ def _next_loss(train_run, run_dir, world, prefix, step):
 def test_from_hf_round_trip_is_bitwise_and_training_resumes(checkpoints, convert_shards, trainer, tmp_path):
     from megalm.convert.hf import from_hf, to_hf
     from megalm.convert.reader import open_checkpoint
+    from megalm.testing.runs import hf_loss_on_first_batch
 
     x = tmp_path / "x"
     to_hf(checkpoints["llama_tp2_pp2"], x, verify=False)
@@ -40,23 +41,7 @@ def test_from_hf_round_trip_is_bitwise_and_training_resumes(checkpoints, convert
     assert (x / "tokenizer.json").read_bytes() == (y / "tokenizer.json").read_bytes()
     # the trainer resumes it (bf16 masters were set exactly): its first loss is HF's on the same batch
     loss = _next_loss(trainer, run, 2, convert_shards, 1)
-    assert abs(loss - _hf_loss_on_first_batch(x, run, convert_shards)) < 2e-2  # bf16 forward
-
-
-def _hf_loss_on_first_batch(hf_dir, run, prefix):
-    from megalm.config import load_config
-    from megalm.data.builder import build_datasets
-    from megalm.data.tokenizer import build_tokenizer
-
-    cfg = load_config(run / "config.yaml", [f"data.train_prefixes=[{prefix}]", "train.steps=1"]).validate(2)
-    t = cfg.train
-    train, _, _ = build_datasets(cfg.data, build_tokenizer("byte"), t.seed,
-                                 (t.steps * t.global_batch_size, t.eval_steps * t.global_batch_size, 0))
-    batch = torch.stack([torch.from_numpy(train[i]) for i in range(t.global_batch_size)])
-    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        logits = hf(batch[:, :-1]).logits
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, 257), batch[:, 1:].reshape(-1)).item()
+    assert abs(loss - hf_loss_on_first_batch(x, run, convert_shards)) < 2e-2  # bf16 forward
 
 
 @pytest.mark.parametrize(("tp", "pp", "world"), [(1, 1, 1), (1, 2, 2)])
