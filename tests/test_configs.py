@@ -20,7 +20,8 @@ CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.ya
 # filled in by tools/quickstart.sh at run time
 OVERRIDES = {"quickstart.yaml": ["data.tokenizer_model=tok/spm.model"]}
 # the model configs of issue 8: every key of every section written out
-COMPLETE = ["gpt2-124m.yaml", "llama-160m.yaml", "llama-1b.yaml", "llama-7b.yaml", "llama-70b.yaml"]
+COMPLETE = ["gpt2-124m.yaml", "llama-160m.yaml", "llama-1b.yaml", "llama-7b.yaml", "llama-70b.yaml",
+            "llama-3.1-8b.yaml", "qwen2.5-7b.yaml", "qwen3-8b.yaml", "mistral-7b.yaml"]
 PUBLISHED = {  # parameters (vocabulary padding excluded), and whether to build the model
     "gpt2-124m.yaml": (124_439_808, True),  # HF gpt2: wte + wpe + 12 blocks, head tied
     "llama-160m.yaml": (162_417_408, True),  # JackFram/llama-160m's shape
@@ -28,6 +29,30 @@ PUBLISHED = {  # parameters (vocabulary padding excluded), and whether to build 
     "llama-7b.yaml": (6_738_415_616, False),  # Llama-2-7B
     "llama-70b.yaml": (68_976_648_192, False),  # Llama-2-70B
     "llama-8b-32k.yaml": (8_030_261_248, False),  # Llama-3-8B
+    "llama-3.1-8b.yaml": (8_030_261_248, False),  # meta-llama/Llama-3.1-8B
+    "qwen2.5-7b.yaml": (7_615_616_512, False),  # Qwen/Qwen2.5-7B (q/k/v biases)
+    "qwen3-8b.yaml": (8_190_735_360, False),  # Qwen/Qwen3-8B (qk-norm, head_dim 128)
+    "mistral-7b.yaml": (7_241_732_096, False),  # mistralai/Mistral-7B-v0.1
+}
+PUBLISHED_CONFIGS = {  # fields of each model's config.json on the Hugging Face Hub
+    "llama-3.1-8b.yaml": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                          "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
+                          "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+                          "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                              "original_max_position_embeddings": 8192}},
+    "qwen2.5-7b.yaml": {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                        "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+                        "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+                        "use_sliding_window": False, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}},
+    "qwen3-8b.yaml": {"model_type": "qwen3", "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
+                      "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+                      "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+                      "attention_bias": False, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}},
+    "mistral-7b.yaml": {"model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 32000,
+                        "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+                        "sliding_window": 4096, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
 }
 
 
@@ -83,3 +108,14 @@ def test_published_parameter_count(name: str):
     tables = 1 if model_cfg.tie_embeddings else 2
     padding = (padded_vocab(model_cfg, 1) - model_cfg.vocab_size) * model_cfg.hidden_size * tables
     assert count_module_parameters(model) - padding == expected
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_CONFIGS))
+def test_family_presets_export_the_published_config(name: str):
+    # to-hf of a model trained from the preset writes the published model's config.json fields
+    pytest.importorskip("transformers")
+    from megalm.convert.families import hf_config
+
+    config = hf_config(load_config(CONFIGS[0].parent / name).model, {}, torch.bfloat16).to_dict()
+    expected = PUBLISHED_CONFIGS[name]
+    assert {k: config[k] for k in expected} == expected

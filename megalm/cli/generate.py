@@ -17,7 +17,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="generate.py", description=__doc__.split(": ", 1)[1])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="megalm RUN_DIR, RUN_DIR/checkpoints or .../global_stepN")
-    src.add_argument("--hf", help="Hugging Face Llama/GPT-2 directory")
+    src.add_argument("--hf", help="Hugging Face model directory (llama, gpt2, qwen2, qwen3, mistral)")
     p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--greedy", action="store_true", help="argmax decoding (ignores the sampling options)")

@@ -24,7 +24,7 @@ from tokenizers import Tokenizer as RawTokenizer
 from tokenizers.pre_tokenizers import ByteLevel
 
 from megalm import seams
-from megalm.data.tokenizer import HF_EOD, Tokenizer
+from megalm.data.tokenizer import HF_EOD, HF_EOD_TOKENS, Tokenizer
 from megalm.errors import MegalmError
 
 MEGALM_SIDECAR = "megalm.json"
@@ -87,7 +87,8 @@ def tokenizer_from_hf_dir(hf_dir: Path, out_dir: Path) -> tuple[str, str]:
     """(tokenizer_type, tokenizer_model) for a megalm config, copying the file into out_dir.
 
     A directory written by to-hf says its type in megalm.json; otherwise tokenizer.model means
-    sentencepiece and tokenizer.json with <|endoftext|> a byte-level BPE ("hf")."""
+    sentencepiece and tokenizer.json with an end-of-text token (HF_EOD_TOKENS: Llama 3's, Qwen's,
+    Mistral's) a byte-level BPE ("hf")."""
     sidecar = hf_dir / MEGALM_SIDECAR
     kind = json.loads(sidecar.read_text())["tokenizer"]["type"] if sidecar.is_file() else None
     if kind == "byte":
@@ -98,9 +99,9 @@ def tokenizer_from_hf_dir(hf_dir: Path, out_dir: Path) -> tuple[str, str]:
         return "sentencepiece", str(out_dir / "tokenizer.model")
     if (hf_dir / "tokenizer.json").is_file():
         text = (hf_dir / "tokenizer.json").read_text(encoding="utf-8")
-        if HF_EOD not in text:
-            raise MegalmError(f"{hf_dir}/tokenizer.json has no {HF_EOD} token, which megalm's hf tokenizer "
-                              "ends documents with; pass --no-tokenizer and set data.tokenizer_* yourself")
+        if not any(token in text for token in HF_EOD_TOKENS):
+            raise MegalmError(f"{hf_dir}/tokenizer.json has none of {', '.join(HF_EOD_TOKENS)}, which megalm's hf "
+                              "tokenizer ends documents with; pass --no-tokenizer and set data.tokenizer_* yourself")
         shutil.copy2(hf_dir / "tokenizer.json", out_dir / "tokenizer.json")
         return "hf", str(out_dir / "tokenizer.json")
     raise MegalmError(f"{hf_dir}: no tokenizer.model or tokenizer.json; pass --no-tokenizer and set "

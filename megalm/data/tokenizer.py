@@ -20,6 +20,9 @@ from tokenizers import Tokenizer as HFTok
 from megalm.errors import MegalmError
 
 HF_EOD = "<|endoftext|>"
+HF_EOD_TOKENS = (HF_EOD, "<|end_of_text|>", "</s>")
+"""End-of-document tokens of tokenizer.json files, the first one the file has wins: GPT-2's and
+Qwen's <|endoftext|>, Llama 3's <|end_of_text|>, Mistral's and Llama 2's </s>."""
 
 
 class Tokenizer(ABC):
@@ -141,9 +144,9 @@ class HFTokenizer(Tokenizer):
             self.tok = HFTok.from_file(self.json_file)
         except Exception as e:  # tokenizers raises a bare Exception for bad files
             raise MegalmError(f"{json_file}: not a readable tokenizer.json ({_first_line(e)})") from None
-        eod = self.tok.token_to_id(HF_EOD)
+        eod = next((i for i in map(self.tok.token_to_id, HF_EOD_TOKENS) if i is not None), None)
         if eod is None:
-            raise MegalmError(f"{json_file}: the tokenizer has no {HF_EOD} token to end documents with")
+            raise MegalmError(f"{json_file}: the tokenizer has none of {', '.join(HF_EOD_TOKENS)} to end documents with")
         self.eod = eod
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         self.pad = self.eod

@@ -41,6 +41,15 @@ def test_megatron_flops_gpt2_matches_the_papers_formula():
     assert flops_per_token_megatron(GPT2_124M, 1024, recompute=True) == expected * 4 // 3
 
 
+def test_a_sliding_window_bounds_the_attention_flops():
+    from megalm.model.flops import flops_per_token_palm
+
+    cfg = ModelConfig(arch="llama", hidden_size=64, num_layers=2, num_heads=4, vocab_size=1000, max_seq_len=4096)
+    windowed = ModelConfig(**{**cfg.__dict__, "family": "mistral", "sliding_window": 512})
+    assert flops_per_token_palm(windowed, 4096) == flops_per_token_palm(cfg, 512) < flops_per_token_palm(cfg, 4096)
+    assert flops_per_token_megatron(windowed, 256) == flops_per_token_megatron(cfg, 256)  # a window wider than T
+
+
 def test_megatron_flops_llama_gqa_swiglu():
     cfg = ModelConfig(
         arch="llama", hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=2, ffn_hidden_size=160,
@@ -51,11 +60,17 @@ def test_megatron_flops_llama_gqa_swiglu():
     assert flops_per_token_megatron(cfg, 128) == 3 * forward
 
 
-@pytest.mark.parametrize("arch,tie", [("llama", False), ("llama", True), ("gpt2", True)])
-def test_analytic_count_equals_built_model(arch, tie):
+FEATURES = [{}, {"family": "qwen2", "qkv_bias": True}, {"family": "qwen3", "qk_norm": True, "head_dim": 12},
+            {"family": "mistral", "head_dim": 6, "sliding_window": 4}]
+
+
+@pytest.mark.parametrize("arch,tie,features", [("llama", False, f) for f in FEATURES] + [("llama", True, {}),
+                                                                                           ("gpt2", True, {})])
+def test_analytic_count_equals_built_model(arch, tie, features):
+    # tools/plan.py's count: q/k/v biases, qk-norm weights and a free head_dim included (issue 22)
     cfg = ModelConfig(
         arch=arch, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2 if arch == "llama" else 4,
-        vocab_size=128, max_seq_len=16, tie_embeddings=tie,
+        vocab_size=128, max_seq_len=16, tie_embeddings=tie, **features,
     )
     model = GPT(cfg, TensorParallel.build(None, seed=0))  # vocab 128 is a multiple of 64: no padding rows
     assert count_module_parameters(model) == count_parameters(cfg)
