@@ -31,6 +31,14 @@ def test_benchmark_reports_throughput_mfu_and_hf_ratio():
     assert abs(out["hf"]["final_loss"] - 5.55) < 0.5 and abs(out["final_loss"] - 5.55) < 0.5
 
 
+def test_benchmark_compares_a_qwen3_shape_with_transformers_qwen3():
+    # issue 22: --compare-hf trains the family's own class (Qwen3ForCausalLM: qk-norm, head_dim 32)
+    out = run_benchmark("--config", TINY, "--steps", "2", "--warmup", "1", "--compare-hf", "eager",
+                        "model.family=qwen3", "model.qk_norm=true", "model.head_dim=32")
+    assert out["hf"]["class"] == "Qwen3ForCausalLM" and out["speedup_vs_hf"] > 0
+    assert abs(out["hf"]["final_loss"] - 5.55) < 0.5 and abs(out["final_loss"] - 5.55) < 0.5
+
+
 def test_benchmark_on_real_shards(byte_shards, tmp_path):
     # the trainer's pipeline (sample index, a DataLoader worker) on a model with ~0.2 s steps
     out = run_benchmark("--config", TINY, "--steps", "8", "--warmup", "2", f"data.train_prefixes=[{byte_shards}]",

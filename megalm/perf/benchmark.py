@@ -55,19 +55,25 @@ def measured_peak_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
+def hf_class_name(model: Any) -> str:
+    """The transformers class --compare-hf trains for this model (its family's)."""
+    from megalm.convert.families import family_of  # noqa: PLC0415 - transformers' side
+
+    return family_of(model).hf_class
+
+
 def hf_step_fn(cfg: Config, compile_model: bool, precision: str = "bf16") -> Callable[[tuple[torch.Tensor, torch.Tensor]], float]:
-    """A plain PyTorch training step of transformers' LlamaForCausalLM with the same shape, as its
+    """A plain PyTorch training step of transformers' own class of the model's family
+    (LlamaForCausalLM, Qwen3ForCausalLM, ...; megalm.convert.families) with the same config, as its
     users write it: the loss computed by the model from `labels` (so torch.compile fuses it too),
     AdamW (torch's fused kernel), gradient clipping. precision (for a bf16 run): "bf16" casts the
     model to bf16 (the faster peer here), "autocast" keeps fp32 weights under bf16 autocast."""
-    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415 - heavy, only with --compare-hf
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 - heavy, only with --compare-hf
 
-    m = cfg.model
-    hf_cfg = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
-                         num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
-                         num_key_value_heads=m.num_kv_heads, max_position_embeddings=m.max_seq_len,
-                         rms_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings, attn_implementation="sdpa")
-    model = LlamaForCausalLM(hf_cfg).to(device_type())
+    from megalm.convert.families import hf_config  # noqa: PLC0415 - transformers' side, only with --compare-hf
+
+    hf_cfg = hf_config(cfg.model, {}, torch.float32)
+    model = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa").float().to(device_type())
     bf16 = cfg.train.precision == "bf16"
     if bf16 and precision == "bf16":
         model = model.to(torch.bfloat16)
@@ -205,7 +211,8 @@ def _report(rt: Runtime, times: list[float], waits: list[float], hf_times: list[
     out.update({k: m[k] for k in ("tflops", "tflops_megatron", "mfu", "mfu_megatron")})
     if hf_times:
         hf_median = statistics.median(hf_times)
-        out["hf"] = {"variant": compare_hf, "median_step_s": hf_median, "tokens_per_s": tokens / hf_median}
+        out["hf"] = {"variant": compare_hf, "median_step_s": hf_median, "tokens_per_s": tokens / hf_median,
+                     "class": hf_class_name(cfg.model)}
         out["speedup_vs_hf"] = hf_median / median
     if dist.is_initialized():
         dist.barrier()
