@@ -16,7 +16,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split(": ", 1)[1])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="megalm RUN_DIR, RUN_DIR/checkpoints or .../global_stepN")
-    src.add_argument("--hf", help="Hugging Face Llama/GPT-2 directory")
+    src.add_argument("--hf", help="Hugging Face model directory (llama, gpt2, qwen2, qwen3, mistral)")
     data = p.add_mutually_exclusive_group()
     data.add_argument("--data-prefix", help="PREFIX of a .bin/.idx shard (tokenized with the model's tokenizer)")
     data.add_argument("--text-file", help="UTF-8 text; documents separated by blank lines")

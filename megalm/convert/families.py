@@ -199,7 +199,8 @@ def family_mismatch(cfg: ModelConfig) -> str | None:
         return None
     others = [g.name for g in FAMILIES.values() if all(_holds(g, cfg).values())]
     fix = f"set model.family={' or '.join(others)}" if others else f"no family holds this model; change model.{bad[0]}"
-    return f"{f.hf_class} cannot hold model.{bad[0]}={getattr(cfg, bad[0])}: {fix}"
+    value = getattr(cfg, bad[0])
+    return f"{f.hf_class} cannot hold model.{bad[0]}={str(value).lower() if isinstance(value, bool) else value}: {fix}"
 
 
 def check_supported(fields: Mapping[str, Any]) -> None:

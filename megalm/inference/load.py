@@ -1,5 +1,5 @@
 """Load a model for megalm's own inference: a megalm GPT at tensor size 1 in one process, from a
-megalm checkpoint (any layout; fp32 masters preferred) or a Hugging Face Llama/GPT-2 directory,
+megalm checkpoint (any layout; fp32 masters preferred) or a Hugging Face model directory (a family of megalm.convert.families),
 with a tokenizer that encodes prompts and decodes outputs."""
 
 from __future__ import annotations
