@@ -165,8 +165,7 @@ class ParallelConfig:
 @dataclass(kw_only=True)
 class ZeroConfig:
     stage: Literal[0, 1, 2, 3] = 1
-    """ZeRO stage: 0 none, 1 optimizer states, 2 + gradients, 3 + parameters sharded over data parallel.
-    1 and 2 run as 0 on a single data-parallel rank (nothing to shard; their buffers only copy)."""
+    """ZeRO stage: 0 none, 1 optimizer states, 2 + gradients, 3 + parameters sharded over data parallel."""
     offload_optimizer: bool = False
     """ZeRO-Offload: keep optimizer states and the update on the CPU (stages 1-3)."""
     reduce_bucket_size: int = 50_000_000

@@ -46,7 +46,6 @@ from megalm.model.flops import (
     flops_per_token_palm,
 )
 from megalm.parallel.vocab import padded_vocab_size
-from megalm.training.ds_config import deepspeed_zero_stage
 
 GIB = 2**30
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -247,9 +246,6 @@ class Plan:
     document_mask: bool
     sequence_parallel: bool
     zero_stage: int
-    """The stage DeepSpeed runs (megalm.training.ds_config.deepspeed_zero_stage: ZeRO 1/2 on one data-parallel
-    rank run as 0)."""
-    configured_zero_stage: int
     offload_optimizer: bool
     precision: str
     activation_checkpointing: bool
@@ -307,7 +303,7 @@ def make_plan(cfg: Config, world_size: int, mfu: float = 0.4, peak_tflops: float
         return [model_state_bytes(numel, t.precision, z, shards, allowed=p.pipeline == 1 or z <= 1) for z in range(4)]
 
     stages = build_stages(cfg)
-    worst = max(stages, key=lambda s: states(s.params)[deepspeed_zero_stage(cfg)].total + s.activations)
+    worst = max(stages, key=lambda s: states(s.params)[cfg.zero.stage].total + s.activations)
     tokens = t.global_batch_size * cfg.data.seq_len
     palm = flops_per_token_palm(m, cfg.data.seq_len)
     megatron = flops_per_token_megatron(m, cfg.data.seq_len, recompute=m.activation_checkpointing)
@@ -315,7 +311,7 @@ def make_plan(cfg: Config, world_size: int, mfu: float = 0.4, peak_tflops: float
     return Plan(
         world_size=world_size, tensor=p.tensor, pipeline=p.pipeline, data=data, context=p.context,
         document_mask=m.document_mask,
-        sequence_parallel=p.sequence_parallel and p.tensor > 1, zero_stage=deepspeed_zero_stage(cfg), configured_zero_stage=cfg.zero.stage,
+        sequence_parallel=p.sequence_parallel and p.tensor > 1, zero_stage=cfg.zero.stage,
         offload_optimizer=cfg.zero.offload_optimizer, precision=t.precision,
         activation_checkpointing=m.activation_checkpointing, micro_batch_size=t.micro_batch_size,
         grad_accum_steps=t.grad_accum_steps, global_batch_size=t.global_batch_size,

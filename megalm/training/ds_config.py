@@ -17,18 +17,6 @@ FP16_LOSS_SCALING = {
 }
 
 
-def deepspeed_zero_stage(cfg: Config) -> int:
-    """The ZeRO stage DeepSpeed runs: zero.stage, except 0 where ZeRO 1 or 2 would partition over a
-    single rank (data x context parallel = 1; not under a pipeline, not with the optimizer offloaded).
-    There is nothing to partition, and ZeRO-1/2's flat buffers still copy every gradient and weight
-    once more per step (7-9% of a CPU step measured, README "Performance"); ZeRO-0 keeps the same fp32
-    master weights (bf16: DeepSpeed's mixed-precision optimizer) and Adam states on the one rank.
-    Checkpoints record the stage they were written with (CheckpointMeta.zero_stage)."""
-    z, p = cfg.zero, cfg.parallel
-    single = cfg.data_parallel * p.context == 1 and p.pipeline == 1 and not z.offload_optimizer
-    return 0 if z.stage in (1, 2) and single else z.stage
-
-
 def deepspeed_config(cfg: Config) -> dict[str, Any]:
     """DeepSpeed config dict of a validated Config. The optimizer and scheduler are passed to
     deepspeed.initialize as objects (no JIT-compiled ops on CPU), so they do not appear here."""
@@ -43,7 +31,7 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,  # torch AdamW under ZeRO-Offload: no cpu_adam build
         "zero_optimization": {
-            "stage": deepspeed_zero_stage(cfg),
+            "stage": z.stage,
             "reduce_bucket_size": z.reduce_bucket_size,
             "allgather_bucket_size": z.reduce_bucket_size,
             "overlap_comm": z.overlap_comm,

@@ -23,7 +23,7 @@ from megalm.parallel.dims import ParallelDims
 from megalm.parallel.groups import DeepSpeedMPU, ProcessGroups
 from megalm.parallel.pipeline import build_pipeline_module
 from megalm.parallel.sharding import universal_checkpoint_info
-from megalm.training.ds_config import deepspeed_config, deepspeed_zero_stage
+from megalm.training.ds_config import deepspeed_config
 from megalm.training.optimizer import build_optimizer
 from megalm.training.schedule import build_scheduler
 
@@ -73,8 +73,7 @@ def build_engine(cfg: Config, groups: ProcessGroups, model: nn.Module, tp: Tenso
         raise MegalmError("train.precision=fp16 needs a CUDA device (DeepSpeed's CPU accelerator has no "
                           "fp16); use bf16 or fp32 on CPU")
     # ZeRO-0 bf16/fp16: DeepSpeed's mixed-precision wrapper skips a step with a non-finite gradient norm
-    stage = deepspeed_zero_stage(cfg)
-    ds_checks = stage == 0 and cfg.train.precision != "fp32"
+    ds_checks = cfg.zero.stage == 0 and cfg.train.precision != "fp32"
     optimizer = build_optimizer(model, cfg.optimizer, guard=not ds_checks)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.optimizer, cfg.train.steps)
     pipeline = cfg.parallel.pipeline > 1
@@ -88,7 +87,7 @@ def build_engine(cfg: Config, groups: ProcessGroups, model: nn.Module, tp: Tenso
     seams.record_fp32_grad_norm(ds)
     if cfg.zero.stage == 3 and groups.dims.context > 1:
         seams.sum_zero3_gradients_over_context(ds, groups.dims.context)
-    if not pipeline and stage == 0 and groups.dims.zero_shards == 1:
+    if not pipeline and cfg.zero.stage == 0 and groups.dims.zero_shards == 1:
         seams.skip_gradient_allreduce(ds)
     if cfg.train.compile:
         ds.compile()  # lazy: the first forward compiles the whole model into one graph
