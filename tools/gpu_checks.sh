@@ -16,7 +16,8 @@
 # (bash tools/gpu_wheels.sh) and carry .whl; they are installed to /tmp/site.
 # With the device tool: run(command="bash tools/gpu_checks.sh", carry=[".whl"], timeout_s=540)
 # Elsewhere: OUT=runs/gpu-checks bash tools/gpu_checks.sh; STEPS=benchmark,tests,hf picks steps 2-4;
-# STEPS=...,variant VARIANT="train.global_batch_size=32" adds the compiled 1B run with those overrides.
+# STEPS=...,variant VARIANT="train.global_batch_size=32" adds the compiled 1B run with those overrides;
+# STEPS=...,qwen3 a 1B-sized Qwen3 shape against transformers' Qwen3ForCausalLM (issue 22).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu-checks}
@@ -95,5 +96,13 @@ if [[ $STEPS == *variant* ]]; then  # VARIANT="key=value ...": the compiled 1B r
         --output "$OUT/bench-1b-variant.json" ${VARIANT:-} >/dev/null 2>"$OUT/bench-1b-variant.log"
     echo "rc=$?" | tee -a "$OUT/gpu.txt"
     [ -s "$OUT/bench-1b-variant.json" ] && summary "$OUT/bench-1b-variant.json" || tail -25 "$OUT/bench-1b-variant.log"
+fi
+if [[ $STEPS == *qwen3* ]]; then  # issue 22: a Qwen3 shape against transformers' own Qwen3ForCausalLM
+    log "1B-sized Qwen3 shape (qk-norm, 16 heads x 128, GQA 2:1), compiled, beside transformers' Qwen3 compiled"
+    timeout 180 "$PY" tools/benchmark.py --config "$CONFIG" --steps 5 --warmup 2 --compare-hf compiled \
+        --output "$OUT/bench-qwen3-hf.json" model.family=qwen3 model.qk_norm=true model.num_heads=16 \
+        model.num_kv_heads=8 model.head_dim=128 >/dev/null 2>"$OUT/bench-qwen3-hf.log"
+    echo "rc=$?" | tee -a "$OUT/gpu.txt"
+    [ -s "$OUT/bench-qwen3-hf.json" ] && summary "$OUT/bench-qwen3-hf.json" || tail -25 "$OUT/bench-qwen3-hf.log"
 fi
 log "done"
