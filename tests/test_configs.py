@@ -33,8 +33,13 @@ PUBLISHED = {  # parameters (vocabulary padding excluded), and whether to build 
     "qwen2.5-7b.yaml": (7_615_616_512, False),  # Qwen/Qwen2.5-7B (q/k/v biases)
     "qwen3-8b.yaml": (8_190_735_360, False),  # Qwen/Qwen3-8B (qk-norm, head_dim 128)
     "mistral-7b.yaml": (7_241_732_096, False),  # mistralai/Mistral-7B-v0.1
+    "qwen3-30b-a3b.yaml": (30_532_122_624, True),  # Qwen/Qwen3-30B-A3B (128 experts, top-8)
+    "mixtral-8x7b.yaml": (46_702_792_704, True),  # mistralai/Mixtral-8x7B-v0.1 (8 experts, top-2)
 }
-PUBLISHED_CONFIGS = {  # fields of each model's config.json on the Hugging Face Hub
+ACTIVE = {"qwen3-30b-a3b.yaml": 3_353_032_704, "mixtral-8x7b.yaml": 12_879_925_248}
+"""Parameters a token goes through (Qwen's "A3B": 3.3B activated; Mixtral's 12.9B)."""
+PUBLISHED_CONFIGS = {  # fields of each model's config.json on the Hugging Face Hub (transformers 5 names
+    # Qwen-MoE's num_experts num_local_experts, as its Mixtral)
     "llama-3.1-8b.yaml": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
                           "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
                           "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
@@ -53,6 +58,18 @@ PUBLISHED_CONFIGS = {  # fields of each model's config.json on the Hugging Face 
                         "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 32000,
                         "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
                         "sliding_window": 4096, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+    "qwen3-30b-a3b.yaml": {"model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144,
+                           "moe_intermediate_size": 768, "num_hidden_layers": 48, "num_attention_heads": 32,
+                           "num_key_value_heads": 4, "head_dim": 128, "num_local_experts": 128, "num_experts_per_tok": 8,
+                           "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                           "vocab_size": 151936, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
+                           "tie_word_embeddings": False, "use_sliding_window": False,
+                           "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}},
+    "mixtral-8x7b.yaml": {"model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336,
+                          "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                          "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000,
+                          "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+                          "sliding_window": None, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}},
 }
 
 
@@ -90,8 +107,11 @@ def test_config_validates_at_its_stated_world_size(path: Path):
 
 @pytest.mark.parametrize("name", COMPLETE)
 def test_every_key_is_written_out(name: str):
+    # a dense model writes model.moe_num_experts: 0 and may leave out the other moe_* keys (inert without experts)
     raw = yaml.safe_load((CONFIGS[0].parent / name).read_text(encoding="utf-8"))
     for section, keys in describe().items():
+        if section == "model" and raw["model"].get("moe_num_experts") == 0:
+            keys = [k for k in keys if not k.startswith("moe_") or k == "moe_num_experts"]
         assert set(raw[section]) == set(keys), (section, set(keys) ^ set(raw[section]))
 
 
@@ -100,6 +120,8 @@ def test_published_parameter_count(name: str):
     expected, build = PUBLISHED[name]
     model_cfg = load_config(CONFIGS[0].parent / name).model
     assert count_parameters(model_cfg) == expected
+    if name in ACTIVE:
+        assert count_parameters(model_cfg, active=True) == ACTIVE[name]
     if not build:
         return
     with torch.device("meta"):

@@ -89,7 +89,7 @@ def test_cli_json_and_table():
     assert plan["parameters"] == 1_100_048_384 and plan["zero_stage"] == 1
     assert plan["rank_bytes"] == plan["zero"][1]["rank_bytes"]
     table = _run_cli("--config", "configs/llama-1b.yaml", "--gpus", "16", "train.micro_batch_size=4")
-    assert table.returncode == 0 and "DP16" in table.stdout and "<- configured" in table.stdout
+    assert table.returncode == 0 and "DP16" in table.stdout and "<- this run" in table.stdout
 
 
 @pytest.mark.parametrize("gpus", ["7", "0"])

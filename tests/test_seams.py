@@ -179,19 +179,26 @@ def test_zero3_context_parallel_seams_are_still_needed():
 
 def _write_seams(run_dir: str) -> dict:
     """checkpoint_writes sees every file DeepSpeed writes; collect_write_errors keeps a failed write
-    (and skips the rest of that save) instead of raising; both put the writer back."""
+    (and skips the rest of that save) instead of raising; both put the writer back. Two data-parallel
+    ranks, so that ZeRO-1 has an optimizer partition to write (on one rank it runs as ZeRO-0)."""
+    import torch.distributed as dist
+
     from megalm.training.startup import bootstrap
 
-    ds = bootstrap(load_config(TINY, [f"train.run_dir={run_dir}"])).engine.ds
+    ds = bootstrap(load_config(TINY, ["zero.stage=1", f"train.run_dir={run_dir}"])).engine.ds
     seen = []
 
     def recording(state_dict, path, *args, **kwargs):  # noqa: ANN001, ANN202 - DeepSpeed's call
         seen.append(Path(path).name)
         return original(state_dict, path, *args, **kwargs)
 
+    def listing(tag: str) -> list[str]:
+        dist.barrier()
+        return sorted(p.name for p in (Path(run_dir) / tag).iterdir())
+
     with seams.checkpoint_writes(ds, recording) as original:
         ds.save_checkpoint(run_dir, tag="seen", save_latest=False)
-    written = sorted(p.name for p in (Path(run_dir) / "seen").iterdir())
+    written = listing("seen")
     attempts = []
 
     def full_disk(state_dict, path, *args, **kwargs):  # noqa: ANN001, ANN202
@@ -202,15 +209,18 @@ def _write_seams(run_dir: str) -> dict:
         ds.save_checkpoint(run_dir, tag="full", save_latest=False)  # does not raise
     ds.save_checkpoint(run_dir, tag="after", save_latest=False)  # the real writer is back
     return {"seen": sorted(seen), "written": written, "errors": [str(e) for e in errors], "attempts": attempts,
-            "after": sorted(p.name for p in (Path(run_dir) / "after").iterdir())}
+            "after": listing("after")}
 
 
 def test_checkpoint_writes_and_collect_write_errors_on_a_real_engine(tmp_path):
-    r = run_distributed_test(_write_seams, 1, args=(str(tmp_path),), env={"DS_ACCELERATOR": "cpu"})[0]
-    assert r["seen"] == r["written"] and "mp_rank_00_model_states.pt" in r["seen"] and len(r["seen"]) >= 2
-    assert len(r["attempts"]) == 1  # the first write failed; the rest of that save was not tried
-    assert r["errors"] == ["[Errno 28] No space left on device"]
-    assert r["after"] == r["written"]
+    ranks = run_distributed_test(_write_seams, 2, args=(str(tmp_path),), env={"DS_ACCELERATOR": "cpu"})
+    seen = sorted(name for r in ranks for name in r["seen"])
+    assert seen == ranks[0]["written"] and "mp_rank_00_model_states.pt" in seen
+    assert sum("optim_states" in name for name in seen) == 2  # each rank its own partition
+    for r in ranks:
+        assert len(r["attempts"]) == 1  # the first write failed; the rest of that save was not tried
+        assert r["errors"] == ["[Errno 28] No space left on device"]
+        assert r["after"] == r["written"]
 
 
 def _optimizer_state_seams(run_dir: str, stage: int, precision: str) -> dict:
@@ -242,7 +252,8 @@ def _optimizer_state_seams(run_dir: str, stage: int, precision: str) -> dict:
 def test_set_full_state_lands_in_the_saved_checkpoint(tmp_path, stage, precision):
     # prepare_optimizer_state + set_full_state, read back by the checkpoint readers that use
     # zero0_optimizer_state (ZeRO-0) and ZeroPartitions (1-3): the master and both Adam moments
-    r = run_distributed_test(_optimizer_state_seams, 1, args=(str(tmp_path), stage, precision),
+    # ZeRO-1 on two data-parallel ranks (on one it runs as ZeRO-0)
+    r = run_distributed_test(_optimizer_state_seams, 2 if stage == 1 else 1, args=(str(tmp_path), stage, precision),
                              env={"DS_ACCELERATOR": "cpu"})[0]
     ckpt = tmp_path / "t"
     for name, want in r["values"].items():

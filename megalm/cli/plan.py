@@ -17,7 +17,8 @@ def format_plan(plan: Plan, name: str) -> str:
     docs = ", attention per document" if plan.document_mask else ""
     lines = [
         f"{name} on {plan.world_size} GPUs: TP{plan.tensor}{sp}{cp} x PP{plan.pipeline} x DP{plan.data}{docs}, "
-        f"ZeRO-{plan.zero_stage}, {plan.precision}, activation checkpointing "
+        f"ZeRO-{plan.zero_stage}{' (zero.stage 1/2 on one data-parallel rank)' if plan.zero_stage != plan.configured_zero_stage else ''}, "
+        f"{plan.precision}, activation checkpointing "
         f"{'on' if plan.activation_checkpointing else 'off'}",
         f"batch: micro {plan.micro_batch_size} x accumulation {plan.grad_accum_steps} x DP {plan.data} = "
         f"{plan.global_batch_size} sequences of {plan.seq_len} = {plan.tokens_per_step:,} tokens/step",
@@ -27,7 +28,7 @@ def format_plan(plan: Plan, name: str) -> str:
         "memory per rank, GiB   params    grads  optimizer  activations     total",
     ]
     for s in plan.zero:
-        mark = " <- configured" if s.stage == plan.zero_stage else ""
+        mark = " <- this run" if s.stage == plan.zero_stage else ""
         mark += "" if s.allowed else " (not with pipeline > 1)"
         opt = f"{s.optimizer / GIB:9.2f}" + ("*" if plan.offload_optimizer else " ")
         lines.append(f"  ZeRO-{s.stage}              {s.params / GIB:8.2f} {s.grads / GIB:8.2f} {opt}"

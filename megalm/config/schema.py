@@ -28,11 +28,11 @@ class ModelConfig:
     arch: Literal["llama", "gpt2"] = "llama"
     """Block structure: llama (RMSNorm, RoPE, SwiGLU, no biases) or gpt2 (LayerNorm, learned
     positions, tanh-GELU, biases)."""
-    family: Literal["", "llama", "gpt2", "qwen2", "qwen3", "mistral"] = ""
+    family: Literal["", "llama", "gpt2", "qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe", "qwen3_moe"] = ""
     """The Hugging Face family: the transformers class and model_type to-hf writes, and the features
     that class has (qwen2: qkv_bias; qwen3: qk_norm; mistral, qwen2/3: sliding_window; llama, qwen3,
-    mistral: a free head_dim); checked at start-up. from-hf sets it. Default: arch.
-    megalm/convert/families.py."""
+    mistral: a free head_dim; mixtral, qwen2_moe, qwen3_moe: experts); checked at start-up. from-hf
+    sets it. Default: arch. megalm/convert/families.py."""
     hidden_size: int = 256
     """Model width d."""
     num_layers: int = 4
@@ -87,6 +87,34 @@ class ModelConfig:
     """yarn: the factor on cos and sin (attention temperature); 0: 0.1 ln(rope_factor) + 1."""
     rope_truncate: bool = True
     """yarn: round the ramp's bounds to whole dimensions (transformers' default)."""
+    moe_num_experts: int = 0
+    """Mixture of experts: routed experts per MoE layer (Mixtral 8, Qwen3-30B-A3B 128). 0: dense
+    (every block has the MLP). megalm/model/moe.py."""
+    moe_top_k: int = 2
+    """Experts each token is sent to."""
+    moe_ffn_hidden_size: int | None = None
+    """Inner width of each expert (transformers' moe_intermediate_size). Default: ffn_hidden_size."""
+    moe_layer_freq: int = 1
+    """Every n-th block is MoE: block i (0-based) when (i + 1) divides by n (Qwen's decoder_sparse_step)."""
+    moe_dense_layers: list[int] = field(default_factory=list)
+    """Blocks (0-based) that keep the dense MLP (Qwen's mlp_only_layers; [0, 1, 2]: DeepSeek's first 3 dense)."""
+    moe_score: Literal["softmax", "sigmoid"] = "softmax"
+    """Router scores from the fp32 logits: softmax over the experts (Mixtral, Qwen) or sigmoid (DeepSeek-V3)."""
+    moe_norm_topk_prob: bool = True
+    """Renormalise the k chosen scores to sum to 1 (Mixtral always; Qwen3-MoE's norm_topk_prob)."""
+    moe_router_scale: float = 1.0
+    """Factor on the combine weights (DeepSeek's routed_scaling_factor)."""
+    moe_shared_expert_size: int = 0
+    """Inner width of a shared expert every token goes through besides its k routed ones (Qwen2-MoE,
+    DeepSeek); 0: none."""
+    moe_shared_expert_gate: bool = False
+    """Scale the shared expert's output by sigmoid(x w) (Qwen2-MoE's shared_expert_gate)."""
+    moe_aux_loss_coeff: float = 0.0
+    """Weight of each MoE layer's switch/GShard load-balancing loss E / k * sum_e f_e p_e (1 when
+    balanced), over each micro batch's tokens, summed over the layers and added to the loss's gradient
+    (the logged loss is the language-model loss). Mixtral trains with 0.02, Qwen3-MoE 0.001."""
+    moe_z_loss_coeff: float = 0.0
+    """Weight of the router z-loss, mean over tokens of logsumexp(router logits)^2 (ST-MoE: 1e-3)."""
     tie_embeddings: bool | None = None
     """Share the input embedding with the output head. Default: true for gpt2, false for llama."""
     init_std: float = 0.02
@@ -119,6 +147,8 @@ class ModelConfig:
             self.ffn_hidden_size = 4 * self.hidden_size if self.arch == "gpt2" else llama_ffn_width(self.hidden_size)
         if self.tie_embeddings is None:
             self.tie_embeddings = self.arch == "gpt2"
+        if self.moe_ffn_hidden_size is None:
+            self.moe_ffn_hidden_size = self.ffn_hidden_size
 
 
 @dataclass(kw_only=True)
@@ -165,7 +195,8 @@ class ParallelConfig:
 @dataclass(kw_only=True)
 class ZeroConfig:
     stage: Literal[0, 1, 2, 3] = 1
-    """ZeRO stage: 0 none, 1 optimizer states, 2 + gradients, 3 + parameters sharded over data parallel."""
+    """ZeRO stage: 0 none, 1 optimizer states, 2 + gradients, 3 + parameters sharded over data parallel.
+    In fp32, 1 and 2 run as 0 on a single data-parallel rank (nothing to shard; their buffers only copy)."""
     offload_optimizer: bool = False
     """ZeRO-Offload: keep optimizer states and the update on the CPU (stages 1-3)."""
     reduce_bucket_size: int = 50_000_000

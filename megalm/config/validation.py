@@ -48,6 +48,8 @@ def validate_model(m: ModelConfig) -> None:
     _check(m.sliding_window >= 0, f"model.sliding_window must be >= 0 (0: no window), got {m.sliding_window}")
     _check(not m.sliding_window or m.dropout == 0.0,
            f"model.sliding_window needs model.dropout=0 (got {m.dropout}): FlexAttention has no attention dropout")
+    if m.moe_num_experts:
+        _validate_moe(m)
     check_family(m)
     _check(m.ffn_hidden_size > 0, "model.ffn_hidden_size must be positive")
     _check(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
@@ -64,6 +66,23 @@ def validate_model(m: ModelConfig) -> None:
         _check(m.rope_scaling != "llama3" or m.rope_high_freq_factor > m.rope_low_freq_factor,
                f"model.rope_high_freq_factor ({m.rope_high_freq_factor}) must exceed model.rope_low_freq_factor "
                f"({m.rope_low_freq_factor})")
+
+
+def _validate_moe(m: ModelConfig) -> None:
+    e = m.moe_num_experts
+    _check(e > 0, f"model.moe_num_experts must be >= 0 (0: dense), got {e}")
+    _check(m.arch == "llama", "model.moe_num_experts needs arch llama (SwiGLU experts)")
+    _check(0 < m.moe_top_k <= e, f"model.moe_top_k ({m.moe_top_k}) must be in 1..model.moe_num_experts ({e})")
+    _check(m.moe_ffn_hidden_size > 0, "model.moe_ffn_hidden_size must be positive")
+    _check(m.moe_layer_freq > 0, f"model.moe_layer_freq must be positive, got {m.moe_layer_freq}")
+    outside = [i for i in m.moe_dense_layers if not (isinstance(i, int) and 0 <= i < m.num_layers)]
+    _check(not outside, f"model.moe_dense_layers {outside} outside the model's blocks 0..{m.num_layers - 1}")
+    _check(m.moe_router_scale > 0, "model.moe_router_scale must be positive")
+    _check(m.moe_shared_expert_size >= 0, "model.moe_shared_expert_size must not be negative")
+    _check(not m.moe_shared_expert_gate or m.moe_shared_expert_size > 0,
+           "model.moe_shared_expert_gate needs model.moe_shared_expert_size > 0")
+    _check(m.moe_aux_loss_coeff >= 0 and m.moe_z_loss_coeff >= 0,
+           "model.moe_aux_loss_coeff and model.moe_z_loss_coeff must not be negative")
 
 
 def check_family(m: ModelConfig) -> None:
@@ -94,6 +113,9 @@ def _validate_parallel(cfg: Config, world_size: int) -> None:
         m.ffn_hidden_size % t == 0,
         f"model.ffn_hidden_size ({m.ffn_hidden_size}) must divide by parallel.tensor ({t})",
     )
+    if m.moe_num_experts:
+        for key in ("moe_ffn_hidden_size", "moe_shared_expert_size"):
+            _check(getattr(m, key) % t == 0, f"model.{key} ({getattr(m, key)}) must divide by parallel.tensor ({t})")
     _check(
         p.pipeline <= m.num_layers,
         f"parallel.pipeline ({p.pipeline}) exceeds model.num_layers ({m.num_layers})",

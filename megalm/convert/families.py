@@ -14,19 +14,35 @@ Adding a family is one entry in FAMILIES and its tests (tests/convert/test_famil
     qwen2    Qwen2ForCausalLM   q/k/v biases (fixed), rope scaling, sliding window on every layer
     qwen3    Qwen3ForCausalLM   qk-norm (fixed), free head_dim, rope scaling, sliding window on every layer
     mistral  MistralForCausalLM free head_dim, rope scaling, sliding window
+    mixtral    MixtralForCausalLM   experts on every layer (fixed), top-k renormalised, free head_dim,
+                                    rope scaling, sliding window
+    qwen2_moe  Qwen2MoeForCausalLM  experts, q/k/v biases (fixed), a gated shared expert (fixed),
+                                    norm_topk_prob, sparse step, dense layers, rope scaling
+    qwen3_moe  Qwen3MoeForCausalLM  experts, qk-norm (fixed), free head_dim, norm_topk_prob, sparse
+                                    step, dense layers, rope scaling, sliding window
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 
 from megalm import seams
 from megalm.config import ModelConfig
-from megalm.convert.hf_names import decoder_from_hf, decoder_to_hf, gpt2_from_hf, gpt2_to_hf
+from megalm.convert.hf_names import (
+    MIXTRAL,
+    QWEN_MOE,
+    ExpertNames,
+    decoder_from_hf,
+    decoder_to_hf,
+    gpt2_from_hf,
+    gpt2_to_hf,
+    saved_names,
+)
 from megalm.convert.hf_rope import rope_from_hf, rope_to_hf
 from megalm.errors import MegalmError
 
@@ -47,6 +63,9 @@ class Family:
     """Its config has head_dim; false: head_dim is hidden_size / num_heads."""
     window: bool = False
     """Its config can put a sliding window on every layer."""
+    moe: tuple[str, ...] = ()
+    """Mixture of experts: the model.moe_* keys its config can set (experts, top-k and expert width
+    always); the other moe keys must keep their defaults. (): a dense class."""
     config_from_hf: Callable[[Any], dict[str, Any]] = dict
     """transformers config -> ModelConfig keywords (unsupported fields are MegalmErrors)."""
     config_to_hf: Callable[[ModelConfig], dict[str, Any]] = dict
@@ -55,6 +74,8 @@ class Family:
     """HF state dict -> megalm GPT state dict (tensor size 1, vocabulary padded to the int)."""
     to_hf: Callable[[Mapping[str, torch.Tensor], ModelConfig], Iterator[tuple[str, torch.Tensor]]] = iter
     """megalm GPT state (padding stripped) -> (HF name, tensor), one module at a time."""
+    saved_names: Callable[[list[str], ModelConfig], list[str]] = lambda names, cfg: names
+    """The class's in-memory state-dict names -> the names its files hold (MoE: per-expert)."""
 
 
 def _require(ok: bool, what: str) -> None:
@@ -137,6 +158,67 @@ def _mistral_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return dict(_decoder_to_hf(cfg), head_dim=cfg.head_dim, sliding_window=cfg.sliding_window or None)
 
 
+# ----------------------------------------------------------------------------- mixtures of experts
+
+
+def _moe_from_hf(c: Any, experts: int, width: int, *, topk_norm: bool, sparse: bool) -> dict[str, Any]:
+    """The MoE fields of a Mixtral / Qwen-MoE config. router_aux_loss_coef becomes moe_aux_loss_coeff,
+    which megalm applies per MoE block (Megatron's convention; transformers pools the blocks, and only
+    with output_router_logits): the logged loss is the language model's either way."""
+    _require(not getattr(c, "router_jitter_noise", 0.0), "router jitter noise (router_jitter_noise)")
+    out = dict(moe_num_experts=experts, moe_top_k=c.num_experts_per_tok, moe_ffn_hidden_size=width,
+               moe_norm_topk_prob=topk_norm, moe_aux_loss_coeff=float(c.router_aux_loss_coef or 0.0))
+    if sparse:
+        out.update(moe_layer_freq=c.decoder_sparse_step, moe_dense_layers=list(c.mlp_only_layers or []))
+    return out
+
+
+def _moe_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    return dict(num_experts_per_tok=cfg.moe_top_k, router_aux_loss_coef=cfg.moe_aux_loss_coeff,
+                output_router_logits=False)
+
+
+def _qwen_moe_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    return dict(_moe_to_hf(cfg), num_experts=cfg.moe_num_experts, moe_intermediate_size=cfg.moe_ffn_hidden_size,
+                norm_topk_prob=cfg.moe_norm_topk_prob, decoder_sparse_step=cfg.moe_layer_freq,
+                mlp_only_layers=list(cfg.moe_dense_layers))
+
+
+def _mixtral_from_hf(c: Any) -> dict[str, Any]:
+    return dict(_decoder_from_hf(c, head_dim=True, window=int(c.sliding_window or 0)),
+                **_moe_from_hf(c, c.num_local_experts, c.intermediate_size, topk_norm=True, sparse=False))
+
+
+def _mixtral_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    default_head_dim = cfg.head_dim == cfg.hidden_size // cfg.num_heads  # Mixtral's config leaves it None then
+    return dict(**_decoder_to_hf(cfg), **_moe_to_hf(cfg), head_dim=None if default_head_dim else cfg.head_dim,
+                num_local_experts=cfg.moe_num_experts,
+                sliding_window=cfg.sliding_window or None)  # intermediate_size: the experts' (= ffn_hidden_size)
+
+
+def _qwen2_moe_from_hf(c: Any) -> dict[str, Any]:
+    _require(getattr(c, "qkv_bias", True), "no q/k/v biases (qkv_bias false) in qwen2_moe")
+    moe = _moe_from_hf(c, c.num_experts, c.moe_intermediate_size, topk_norm=bool(c.norm_topk_prob), sparse=True)
+    return dict(_decoder_from_hf(c, head_dim=False, window=_qwen_window(c)), qkv_bias=True, **moe,
+                moe_shared_expert_size=c.shared_expert_intermediate_size, moe_shared_expert_gate=True)
+
+
+def _qwen2_moe_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    return dict(**_decoder_to_hf(cfg), **_qwen_moe_to_hf(cfg), qkv_bias=True,
+                shared_expert_intermediate_size=cfg.moe_shared_expert_size, **_qwen_window_to_hf(cfg))
+
+
+def _qwen3_moe_from_hf(c: Any) -> dict[str, Any]:
+    _require(not c.attention_bias, "attention biases (attention_bias) in qwen3_moe")
+    moe = _moe_from_hf(c, c.num_experts, c.moe_intermediate_size, topk_norm=bool(c.norm_topk_prob), sparse=True)
+    return dict(_decoder_from_hf(c, head_dim=True, window=_qwen_window(c)), qk_norm=True, **moe)
+
+
+def _qwen3_moe_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    return dict(**_decoder_to_hf(cfg), **_qwen_moe_to_hf(cfg), head_dim=cfg.head_dim, attention_bias=False,
+                **_qwen_window_to_hf(cfg))
+
+
 # ----------------------------------------------------------------------------- GPT-2
 
 
@@ -163,6 +245,12 @@ def _gpt2_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 _DECODER = dict(arch="llama", from_hf=decoder_from_hf, to_hf=decoder_to_hf)
 
+
+def _moe_names(experts: ExpertNames) -> dict[str, Any]:
+    """A MoE family's tensor names: its per-expert names in the files, both ways."""
+    return dict(arch="llama", from_hf=partial(decoder_from_hf, experts=experts),
+                to_hf=partial(decoder_to_hf, experts=experts), saved_names=partial(saved_names, experts=experts))
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("llama", "LlamaForCausalLM", free_head_dim=True, config_from_hf=_llama_from_hf,
            config_to_hf=_llama_to_hf, **_DECODER),
@@ -174,6 +262,14 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            config_from_hf=_qwen3_from_hf, config_to_hf=_qwen3_to_hf, **_DECODER),
     Family("mistral", "MistralForCausalLM", free_head_dim=True, window=True, config_from_hf=_mistral_from_hf,
            config_to_hf=_mistral_to_hf, **_DECODER),
+    Family("mixtral", "MixtralForCausalLM", free_head_dim=True, window=True, moe=("every_layer",),
+           config_from_hf=_mixtral_from_hf, config_to_hf=_mixtral_to_hf, **_moe_names(MIXTRAL)),
+    Family("qwen2_moe", "Qwen2MoeForCausalLM", qkv_bias=True, window=True,
+           moe=("moe_norm_topk_prob", "moe_layer_freq", "moe_dense_layers", "shared_gated"),
+           config_from_hf=_qwen2_moe_from_hf, config_to_hf=_qwen2_moe_to_hf, **_moe_names(QWEN_MOE)),
+    Family("qwen3_moe", "Qwen3MoeForCausalLM", qk_norm=True, free_head_dim=True, window=True,
+           moe=("moe_norm_topk_prob", "moe_layer_freq", "moe_dense_layers"),
+           config_from_hf=_qwen3_moe_from_hf, config_to_hf=_qwen3_moe_to_hf, **_moe_names(QWEN_MOE)),
 )}
 
 
@@ -184,11 +280,25 @@ def family_of(cfg: ModelConfig) -> Family:
     return FAMILIES[cfg.family or cfg.arch]
 
 
+_MOE_DEFAULTS = {"moe_layer_freq": 1, "moe_dense_layers": [], "moe_score": "softmax", "moe_norm_topk_prob": True,
+                 "moe_router_scale": 1.0, "moe_shared_expert_size": 0, "moe_shared_expert_gate": False}
+
+
 def _holds(f: Family, cfg: ModelConfig) -> dict[str, bool]:
     """Per model key: whether family f's class can hold cfg's value."""
-    return {"arch": cfg.arch == f.arch, "qkv_bias": cfg.qkv_bias == f.qkv_bias, "qk_norm": cfg.qk_norm == f.qk_norm,
-            "head_dim": f.free_head_dim or cfg.head_dim == cfg.hidden_size // cfg.num_heads,
-            "sliding_window": f.window or cfg.sliding_window == 0}
+    holds = {"arch": cfg.arch == f.arch, "moe_num_experts": (cfg.moe_num_experts > 0) == bool(f.moe),
+             "qkv_bias": cfg.qkv_bias == f.qkv_bias, "qk_norm": cfg.qk_norm == f.qk_norm,
+             "head_dim": f.free_head_dim or cfg.head_dim == cfg.hidden_size // cfg.num_heads,
+             "sliding_window": f.window or cfg.sliding_window == 0}
+    if cfg.moe_num_experts and f.moe:
+        for key, default in _MOE_DEFAULTS.items():
+            holds[key] = key in f.moe or getattr(cfg, key) == default
+        if "shared_gated" in f.moe:  # Qwen2-MoE: a gated shared expert on every MoE layer
+            holds["moe_shared_expert_size"] = cfg.moe_shared_expert_size > 0
+            holds["moe_shared_expert_gate"] = cfg.moe_shared_expert_gate
+        if "every_layer" in f.moe:  # Mixtral: no dense layers, one width
+            holds["moe_ffn_hidden_size"] = cfg.moe_ffn_hidden_size == cfg.ffn_hidden_size
+    return holds
 
 
 def family_mismatch(cfg: ModelConfig) -> str | None:

@@ -139,6 +139,7 @@ def save_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig, tokenizer: Any,
     names = write_safetensors_shards(to_hf_tensors(state, cfg), tmp, dtype, parse_size(max_shard_size))
     with torch.device("meta"):
         expected = [k for k in cls(config).state_dict() if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    expected = families.family_of(cfg).saved_names(expected, cfg)  # MoE: the per-expert names files hold
     if sorted(names) != sorted(expected):
         raise MegalmError(f"internal: HF keys missing {sorted(set(expected) - set(names))[:3]} "
                           f"unexpected {sorted(set(names) - set(expected))[:3]}")

@@ -25,6 +25,7 @@ from megalm.config import ModelConfig
 from megalm.errors import MegalmError
 from megalm.model.documents import Packing
 from megalm.model.layers import MLP, Attention, KVCache, build_norm
+from megalm.model.moe import MoE, is_moe_layer
 from megalm.model.rope import rope_cos_sin
 from megalm.parallel.checkpointing import RecomputeInBackward, apply_activation_checkpointing
 from megalm.parallel.context import TensorParallel
@@ -102,7 +103,8 @@ class Embedding(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: h = x + attn(norm1(x)); out = h + mlp(norm2(h)).
+    """Pre-norm transformer block: h = x + attn(norm1(x)); out = h + mlp(norm2(h)); `mlp` is a
+    mixture of experts (megalm.model.moe) in the blocks model.moe_* makes MoE.
 
     `layer_number` (0-based) names the init generator (seed, "block.{layer_number}"). `recompute`
     is None, or set by megalm.parallel.checkpointing to recompute the block in the backward pass.
@@ -116,7 +118,8 @@ class Block(nn.Module):
         self.norm1 = build_norm(cfg, tp)
         self.attn = Attention(cfg, tp, generator)
         self.norm2 = build_norm(cfg, tp)
-        self.mlp = MLP(cfg, tp, generator)
+        self.mlp = MoE(cfg, tp, generator) if is_moe_layer(cfg, layer_number) else MLP(cfg, tp, generator)
+        self.mlp.layer_number = layer_number
 
     def forward(self, x: torch.Tensor, packing: Packing | None = None, cache: KVCache | None = None) -> torch.Tensor:
         if self.recompute is not None and self.training and torch.is_grad_enabled() and cache is None:

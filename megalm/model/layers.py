@@ -201,13 +201,14 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     """llama: W_2 (silu(X G) * (X U)) with [G, U] fused column-parallel (stride 2) and W_2
-    row-parallel. gpt2: W_2 gelu_tanh(X W_1 + b_1) + b_2."""
+    row-parallel. gpt2: W_2 gelu_tanh(X W_1 + b_1) + b_2. `width`: the inner width (default
+    model.ffn_hidden_size)."""
 
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel, generator: torch.Generator) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, generator: torch.Generator, width: int | None = None) -> None:
         super().__init__()
         self.gated = cfg.arch == "llama"
         bias = not self.gated
-        width = cfg.ffn_hidden_size
+        width = width or cfg.ffn_hidden_size  # a MoE layer's shared expert has its own
         self.fc1 = ColumnParallelLinear(
             cfg.hidden_size, 2 * width if self.gated else width, group=tp.group, bias=bias,
             sequence_parallel=tp.sequence_parallel, stride=2 if self.gated else 1,

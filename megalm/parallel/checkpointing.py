@@ -23,6 +23,14 @@ from torch.utils.checkpoint import checkpoint
 
 from megalm.parallel.random import TensorParallelRNG
 
+_RECOMPUTING = [0]
+
+
+def recomputing() -> bool:
+    """Whether the forward now running rebuilds activations in the backward pass (statistics a
+    module records, such as a MoE layer's token counts, must not be counted twice)."""
+    return _RECOMPUTING[0] > 0
+
 
 class RecomputeInBackward:
     """recompute(forward, x, *args): forward(x, *args) under torch's non-reentrant checkpoint,
@@ -41,9 +49,11 @@ class RecomputeInBackward:
                 return forward(x, *args)
             after = self.rng.get_states()
             self.rng.set_states(before)
+            _RECOMPUTING[0] += 1
             try:
                 return forward(x, *args)
             finally:
+                _RECOMPUTING[0] -= 1
                 self.rng.set_states(after)
 
         return checkpoint(run, x, *args, use_reentrant=False)

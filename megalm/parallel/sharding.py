@@ -20,25 +20,33 @@ import torch
 
 from megalm.config import ModelConfig
 from megalm.model.gpt import GPT, PIPELINE_LAYERS, VOCAB_PARAMETERS, padded_vocab
+from megalm.model.moe import is_moe_layer
 from megalm.parallel.context import TensorParallel
 
 
 def sharding_specs(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     """name -> (partition_dim, partition_stride) of every GPT parameter; dim -1: replicated.
 
-    Read from the parameters' own attributes (set by the tensor-parallel layers) of a one-block
-    GPT on the meta device; every block shares block 0's layout."""
-    small = dataclasses.replace(cfg, num_layers=1)
-    with torch.device("meta"):
-        model = GPT(small, TensorParallel.build(None))
+    Read from the parameters' own attributes (set by the tensor-parallel layers) of one-block GPTs
+    on the meta device: every dense block shares the dense block's layout, every MoE block the MoE
+    block's (megalm.model.moe.is_moe_layer)."""
+    kinds = {False: dataclasses.replace(cfg, num_layers=1, moe_num_experts=0)}
+    if cfg.moe_num_experts:
+        kinds[True] = dataclasses.replace(cfg, num_layers=1, moe_layer_freq=1, moe_dense_layers=[])
+    layouts: dict[bool, dict[str, tuple[int, int]]] = {}
     specs = {}
-    for name, p in model.named_parameters():
-        spec = (p.partition_dim, p.partition_stride) if p.tensor_model_parallel else (-1, 1)
-        if name.startswith("blocks.0."):
-            for i in range(cfg.num_layers):
-                specs[f"blocks.{i}." + name[len("blocks.0."):]] = spec
-        else:
-            specs[name] = spec
+    for moe, small in kinds.items():
+        with torch.device("meta"):
+            model = GPT(small, TensorParallel.build(None))
+        layouts[moe] = {}
+        for name, p in model.named_parameters():
+            spec = (p.partition_dim, p.partition_stride) if p.tensor_model_parallel else (-1, 1)
+            if name.startswith("blocks.0."):
+                layouts[moe][name[len("blocks.0."):]] = spec
+            else:
+                specs[name] = spec
+    for i in range(cfg.num_layers):
+        specs.update({f"blocks.{i}.{rest}": spec for rest, spec in layouts[is_moe_layer(cfg, i)].items()})
     return specs
 
 
@@ -60,6 +68,8 @@ def universal_checkpoint_info(cfg: ModelConfig, tensor: int) -> dict[str, Any]:
                                    "parameter_with_row_parallelism_patterns": [],
                                    "parameter_with_2_sub_params_cat_dim_0": []}
     for name, (dim, stride) in sharding_specs(cfg).items():
+        if ".experts." in name:  # [E, 2I, H] split on dim 1 / [E, H, I] on dim 2: no DeepSpeed pattern says
+            continue             # so; megalm's own converter (megalm.convert.universal) joins them
         kind = ("vocabulary_parameter_patterns" if name in VOCAB_PARAMETERS
                 else "tp_replicated_parameter_patterns" if dim < 0
                 else "parameter_with_row_parallelism_patterns" if dim == 1

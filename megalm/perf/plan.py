@@ -45,7 +45,9 @@ from megalm.model.flops import (
     flops_per_token_megatron,
     flops_per_token_palm,
 )
+from megalm.model.moe import is_moe_layer
 from megalm.parallel.vocab import padded_vocab_size
+from megalm.training.ds_config import deepspeed_zero_stage
 
 GIB = 2**30
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -93,12 +95,17 @@ def layer_parameters(m: ModelConfig, tensor: int, pipeline: int) -> list[int]:
     when pipeline > 1 and nothing otherwise."""
     d = m.hidden_size
     vocab_rows = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tensor) // tensor
-    replicated = 2 * d if m.arch == "llama" else 6 * d  # 2 RMSNorm | 2 LayerNorm (w, b) + 2 row biases
-    block = (block_parameters(m)[1] - replicated) // tensor + replicated
+    # 2 RMSNorm (+ qk-norm) | 2 LayerNorm (w, b) + 2 row biases; a MoE block's router and shared gate
+    replicated = 2 * d + 2 * m.head_dim * m.qk_norm if m.arch == "llama" else 6 * d
+
+    def block(i: int) -> int:
+        kept = replicated + (m.moe_num_experts * d + d * m.moe_shared_expert_gate if is_moe_layer(m, i) else 0)
+        return (block_parameters(m, i)[1] - kept) // tensor + kept
+
     embedding = vocab_rows * d + (m.max_seq_len * d if m.arch == "gpt2" else 0)
     head = vocab_rows * d if (not m.tie_embeddings or pipeline > 1) else 0
     final_norm = d if m.arch == "llama" else 2 * d
-    return [embedding, *([block] * m.num_layers), final_norm, head]
+    return [embedding, *(block(i) for i in range(m.num_layers)), final_norm, head]
 
 
 def partition_stages(weights: list[int], parts: int, method: str) -> list[range]:
@@ -147,15 +154,23 @@ def activation_bytes_per_token(m: ModelConfig, precision: str, tensor: int, sequ
       gpt2:  2 x e d (LayerNorm inputs) + e (qkv input d + MLP input d)
     plus two 1-byte residual dropout masks when model.dropout > 0. SDPA keeps q, k, v and its
     output (and a fp32 logsumexp per head and token, ignored): no s^2 term.
+    A MoE block (the largest when the model has any: the figure is a bound for its stages) keeps,
+    instead of the MLP's 4f, each of its k experts' 4 f_e and the shared expert's 4 f_s (sharded),
+    and, replicated, the k dispatched copies of the token and of its expert output (2 k e d), the
+    router's fp32 input (4d), logits and scores (8 E).
     """
     e, d, f = WEIGHT_BYTES[precision], m.hidden_size, m.ffn_hidden_size
     a, k = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
+    mlp, routing = 4 * f, 0
+    if any(is_moe_layer(m, i) for i in range(m.num_layers)):
+        mlp = 4 * m.moe_top_k * m.moe_ffn_hidden_size + 4 * m.moe_shared_expert_size
+        routing = 2 * m.moe_top_k * e * d + 4 * d + 8 * m.moe_num_experts
     if m.arch == "llama":
-        sharded, norms = e * (4 * a + 3 * k + 4 * f) + (4 + e) * (a + k) * m.qk_norm, 2 * 4 * d
+        sharded, norms = e * (4 * a + 3 * k + mlp) + (4 + e) * (a + k) * m.qk_norm, 2 * 4 * d
     else:
         sharded, norms = e * (3 * a + 2 * k + 2 * f), 2 * e * d
     seq_sharded = norms + (2 * d if m.dropout > 0 else 0)
-    return sharded / tensor + seq_sharded / (tensor if sequence_parallel else 1) + e * 2 * d
+    return sharded / tensor + seq_sharded / (tensor if sequence_parallel else 1) + e * 2 * d + routing
 
 
 def head_bytes(m: ModelConfig, precision: str, tensor: int, sequence_parallel: bool, tokens: int) -> float:
@@ -246,6 +261,9 @@ class Plan:
     document_mask: bool
     sequence_parallel: bool
     zero_stage: int
+    """The stage DeepSpeed runs (megalm.training.ds_config.deepspeed_zero_stage: ZeRO 1/2 on one data-parallel
+    rank run as 0)."""
+    configured_zero_stage: int
     offload_optimizer: bool
     precision: str
     activation_checkpointing: bool
@@ -303,7 +321,8 @@ def make_plan(cfg: Config, world_size: int, mfu: float = 0.4, peak_tflops: float
         return [model_state_bytes(numel, t.precision, z, shards, allowed=p.pipeline == 1 or z <= 1) for z in range(4)]
 
     stages = build_stages(cfg)
-    worst = max(stages, key=lambda s: states(s.params)[cfg.zero.stage].total + s.activations)
+    running = deepspeed_zero_stage(cfg, shards, p.pipeline)
+    worst = max(stages, key=lambda s: states(s.params)[running].total + s.activations)
     tokens = t.global_batch_size * cfg.data.seq_len
     palm = flops_per_token_palm(m, cfg.data.seq_len)
     megatron = flops_per_token_megatron(m, cfg.data.seq_len, recompute=m.activation_checkpointing)
@@ -311,7 +330,8 @@ def make_plan(cfg: Config, world_size: int, mfu: float = 0.4, peak_tflops: float
     return Plan(
         world_size=world_size, tensor=p.tensor, pipeline=p.pipeline, data=data, context=p.context,
         document_mask=m.document_mask,
-        sequence_parallel=p.sequence_parallel and p.tensor > 1, zero_stage=cfg.zero.stage,
+        sequence_parallel=p.sequence_parallel and p.tensor > 1, zero_stage=running,
+        configured_zero_stage=cfg.zero.stage,
         offload_optimizer=cfg.zero.offload_optimizer, precision=t.precision,
         activation_checkpointing=m.activation_checkpointing, micro_batch_size=t.micro_batch_size,
         grad_accum_steps=t.grad_accum_steps, global_batch_size=t.global_batch_size,

@@ -28,7 +28,10 @@ def gpu_env(**extra: str) -> dict[str, str]:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    """The records of metrics.jsonl; a last line still being written (no newline yet: a live run read
+    while it logs) is left out."""
+    text = (Path(run_dir) / "metrics.jsonl").read_text()
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]
 
 
 def step_losses(run_dir: str | Path) -> dict[int, float]:

@@ -25,6 +25,7 @@ from megalm import __version__
 from megalm.config import Config, config_from_dict
 from megalm.errors import MegalmError
 from megalm.parallel.dims import ParallelDims
+from megalm.training.ds_config import deepspeed_zero_stage
 
 FORMAT_VERSION = 1
 """Bumped whenever a field changes meaning or a reader needs a new one."""
@@ -56,10 +57,19 @@ class CheckpointMeta:
     kind: str = "deepspeed"
     megalm_version: str = __version__
     format_version: int = FORMAT_VERSION
+    written_zero_stage: int | None = None
+    """The ZeRO stage DeepSpeed wrote the files with (megalm.training.ds_config.deepspeed_zero_stage);
+    None (metadata from before it was recorded): the config's zero.stage."""
 
     @classmethod
     def of_run(cls, cfg: Config, dims: ParallelDims, state: TrainState, tokenizer: dict[str, Any]) -> CheckpointMeta:
-        return cls(dims=dims, state=state, tokenizer=dict(tokenizer), config_yaml=cfg.to_yaml())
+        return cls(dims=dims, state=state, tokenizer=dict(tokenizer), config_yaml=cfg.to_yaml(),
+                   written_zero_stage=deepspeed_zero_stage(cfg, dims.zero_shards, dims.pipeline))
+
+    @property
+    def zero_stage(self) -> int:
+        """The ZeRO stage of the checkpoint's DeepSpeed files."""
+        return self.config.zero.stage if self.written_zero_stage is None else self.written_zero_stage
 
     @cached_property
     def config(self) -> Config:
@@ -80,6 +90,7 @@ class CheckpointMeta:
             "world_size": d.world_size,
             "step": s.step, "consumed_samples": s.consumed_samples, "skipped_steps": s.skipped_steps,
             "tokenizer": self.tokenizer, "config_yaml": self.config_yaml,
+            **({} if self.written_zero_stage is None else {"zero_stage": self.written_zero_stage}),
         }
 
     @classmethod
@@ -101,6 +112,7 @@ class CheckpointMeta:
                 state=TrainState(int(raw["step"]), int(raw["consumed_samples"]), int(raw["skipped_steps"])),
                 tokenizer=dict(raw["tokenizer"]), config_yaml=str(raw["config_yaml"]),
                 kind=raw["kind"], megalm_version=str(raw["megalm_version"]),
+                written_zero_stage=None if raw.get("zero_stage") is None else int(raw["zero_stage"]),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise MegalmError(f"{source}: metadata format {FORMAT_VERSION} with a missing or malformed "

@@ -17,6 +17,20 @@ FP16_LOSS_SCALING = {
 }
 
 
+def deepspeed_zero_stage(cfg: Config, zero_shards: int, pipeline: int) -> int:
+    """The ZeRO stage DeepSpeed runs: zero.stage, except 0 where ZeRO 1 or 2 would partition an fp32
+    run over a single rank (data x context parallel = 1; not under a pipeline, not with the optimizer
+    offloaded). There is nothing to partition, and ZeRO-1/2's flat buffers still copy every gradient
+    and weight once more per step (README "Performance"); fp32 has no master copy to keep, so ZeRO-0
+    (the torch optimizer on the parameters) is the same arithmetic. Not in bf16/fp16: DeepSpeed's
+    ZeRO-0 there steps the 16-bit weights themselves (no fp32 masters; its BF16_Optimizer only serves
+    pipelines), a different and worse training. Checkpoints record the stage they were written with
+    (CheckpointMeta.zero_stage)."""
+    z = cfg.zero
+    single = zero_shards == 1 and pipeline == 1 and not z.offload_optimizer and cfg.train.precision == "fp32"
+    return 0 if z.stage in (1, 2) and single else z.stage
+
+
 def deepspeed_config(cfg: Config) -> dict[str, Any]:
     """DeepSpeed config dict of a validated Config. The optimizer and scheduler are passed to
     deepspeed.initialize as objects (no JIT-compiled ops on CPU), so they do not appear here."""
@@ -31,7 +45,7 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,  # torch AdamW under ZeRO-Offload: no cpu_adam build
         "zero_optimization": {
-            "stage": z.stage,
+            "stage": deepspeed_zero_stage(cfg, cfg.data_parallel * cfg.parallel.context, cfg.parallel.pipeline),
             "reduce_bucket_size": z.reduce_bucket_size,
             "allgather_bucket_size": z.reduce_bucket_size,
             "overlap_comm": z.overlap_comm,

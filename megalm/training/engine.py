@@ -18,12 +18,13 @@ from megalm import seams
 from megalm.config import Config
 from megalm.errors import MegalmError
 from megalm.model.gpt import GPT
+from megalm.model.moe import set_aux_loss_scale
 from megalm.parallel.context import TensorParallel
 from megalm.parallel.dims import ParallelDims
 from megalm.parallel.groups import DeepSpeedMPU, ProcessGroups
 from megalm.parallel.pipeline import build_pipeline_module
 from megalm.parallel.sharding import universal_checkpoint_info
-from megalm.training.ds_config import deepspeed_config
+from megalm.training.ds_config import deepspeed_config, deepspeed_zero_stage
 from megalm.training.optimizer import build_optimizer
 from megalm.training.schedule import build_scheduler
 
@@ -61,6 +62,7 @@ def build_model(cfg: Config, tp: TensorParallel, dims: ParallelDims) -> nn.Modul
     `universal_checkpoint_info` goes into every checkpoint DeepSpeed saves (for ds_to_universal)."""
     model = build_pipeline_module(cfg, tp, dims) if cfg.parallel.pipeline > 1 else GPT(cfg.model, tp)
     model.universal_checkpoint_info = universal_checkpoint_info(cfg.model, dims.tensor)
+    set_aux_loss_scale(model, 1.0 / cfg.train.grad_accum_steps)  # DeepSpeed's backward scales the loss so
     return model
 
 
@@ -73,7 +75,8 @@ def build_engine(cfg: Config, groups: ProcessGroups, model: nn.Module, tp: Tenso
         raise MegalmError("train.precision=fp16 needs a CUDA device (DeepSpeed's CPU accelerator has no "
                           "fp16); use bf16 or fp32 on CPU")
     # ZeRO-0 bf16/fp16: DeepSpeed's mixed-precision wrapper skips a step with a non-finite gradient norm
-    ds_checks = cfg.zero.stage == 0 and cfg.train.precision != "fp32"
+    stage = deepspeed_zero_stage(cfg, groups.dims.zero_shards, groups.dims.pipeline)
+    ds_checks = stage == 0 and cfg.train.precision != "fp32"
     optimizer = build_optimizer(model, cfg.optimizer, guard=not ds_checks)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.optimizer, cfg.train.steps)
     pipeline = cfg.parallel.pipeline > 1
@@ -87,7 +90,7 @@ def build_engine(cfg: Config, groups: ProcessGroups, model: nn.Module, tp: Tenso
     seams.record_fp32_grad_norm(ds)
     if cfg.zero.stage == 3 and groups.dims.context > 1:
         seams.sum_zero3_gradients_over_context(ds, groups.dims.context)
-    if not pipeline and cfg.zero.stage == 0 and groups.dims.zero_shards == 1:
+    if not pipeline and stage == 0 and groups.dims.zero_shards == 1:
         seams.skip_gradient_allreduce(ds)
     if cfg.train.compile:
         ds.compile()  # lazy: the first forward compiles the whole model into one graph

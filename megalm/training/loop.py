@@ -17,12 +17,14 @@ from megalm.convert.universal import UniversalCheckpoint
 from megalm.errors import MegalmError
 from megalm.inference.harness import check_tasks, run_tasks, task_scalars
 from megalm.inference.load import TextCodec
+from megalm.model.moe import moe_metrics
 from megalm.parallel.dims import ParallelDims
 from megalm.parallel.launch_env import discover
 from megalm.training import checkpoint as ckpt
 from megalm.training import manifest
 from megalm.training.async_save import BackgroundWriter
 from megalm.training.checkpoint_meta import CheckpointMeta, TrainState
+from megalm.training.ds_config import deepspeed_zero_stage
 from megalm.training.metrics import MetricsLogger, Throughput, device_peak_tflops, memory_gib
 from megalm.training.signals import PreemptionFlag
 from megalm.training.startup import Runtime, bootstrap
@@ -292,6 +294,7 @@ def _log_step(run: Run, state: TrainState, loss: float, lr: float, seconds: floa
         "mem_gib": memory_gib(),
         "consumed_samples": state.consumed_samples,
         "skipped_steps": state.skipped_steps,
+        **(moe_metrics(run.rt.engine.ds.module, run.rt.groups.data) if cfg.model.moe_num_experts else {}),
     }
     run.logger.log(state.step, scalars)
 
@@ -355,6 +358,7 @@ def _check_same_layout(checkpoint: Path, cfg: Config, dims: ParallelDims, load_o
     checkpoint (checkpoint.reset_optimizer=true is the fallback for a data-parallel change)."""
     meta = CheckpointMeta.read(checkpoint)
     saved, stage = meta.dims, meta.config.zero.stage
+    written, running = meta.zero_stage, deepspeed_zero_stage(cfg, dims.zero_shards, dims.pipeline)
     convert = (f"convert it: python tools/convert_checkpoint.py universal --checkpoint {checkpoint} --output U, "
                "then resume with checkpoint.load=U")
     if (saved.tensor, saved.pipeline) != (dims.tensor, dims.pipeline):
@@ -362,6 +366,10 @@ def _check_same_layout(checkpoint: Path, cfg: Config, dims: ParallelDims, load_o
                           f"run has {dims.tensor} x {dims.pipeline}: {convert}")
     if stage != cfg.zero.stage and 3 in (stage, cfg.zero.stage) or (stage == 0) != (cfg.zero.stage == 0):
         raise MegalmError(f"the checkpoint was written with ZeRO-{stage}, this run has ZeRO-{cfg.zero.stage}: {convert}")
+    if (written == 0) != (running == 0):  # ZeRO 1/2 on a single data-parallel rank run as ZeRO-0 (deepspeed_zero_stage)
+        raise MegalmError(f"the checkpoint's DeepSpeed files are ZeRO-{written} (data x context parallel {saved.data} x "
+                          f"{saved.context}), this run's are ZeRO-{running} ({dims.data} x {dims.context}; ZeRO 1 and 2 "
+                          f"run as ZeRO-0 on a single data-parallel rank): {convert}")
     if saved.zero_shards != dims.zero_shards and cfg.zero.stage >= 1 and (load_optimizer or cfg.zero.stage == 3):
         raise MegalmError(
             f"the checkpoint was written with data x context parallel {saved.data} x {saved.context}, this run has "

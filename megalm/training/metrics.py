@@ -136,6 +136,9 @@ class MetricsLogger:
                  f"tok/s {s.get('tokens_per_s', 0):,.0f}", f"TFLOP/s/dev {s.get('tflops', 0):.3f}"]
         if "mfu" in s:
             parts.append(f"MFU {100 * s['mfu']:.1f}%")
+        loads = [v for k, v in s.items() if k.startswith("moe/") and k.endswith("/load_max")]
+        if loads:  # the busiest expert of any layer over the mean (1: balanced)
+            parts.append(f"moe load {max(loads):.2f}")
         parts.append(f"mem {s.get('mem_gib', 0):.2f}GiB")
         done = step - first_step
         if done > 0:

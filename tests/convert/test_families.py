@@ -38,12 +38,22 @@ CONFIGS = {  # each family's own features, at values no default would produce
         "rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 32}),
     "mistral": lambda: transformers.MistralConfig(**LLAMA_LIKE, sliding_window=8, tie_word_embeddings=False,
                                                   rope_parameters=THETA_1M),
+    "mixtral": lambda: transformers.MixtralConfig(**LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2,
+                                                  tie_word_embeddings=False, rope_parameters=THETA_1M),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**LLAMA_LIKE, num_experts=4, num_experts_per_tok=2,
+                                                     moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                                     norm_topk_prob=True, tie_word_embeddings=False,
+                                                     rope_parameters=THETA_1M),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**LLAMA_LIKE, head_dim=32, num_experts=4, num_experts_per_tok=3,
+                                                     moe_intermediate_size=48, norm_topk_prob=False, mlp_only_layers=[0],
+                                                     tie_word_embeddings=False, rope_parameters=THETA_1M),
     "gpt2": lambda: transformers.GPT2Config(vocab_size=257, n_embd=64, n_layer=2, n_head=4, n_positions=128, n_inner=256,
                                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=256,
                                             eos_token_id=256, pad_token_id=256),
 }
 CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-           "mistral": "MistralForCausalLM", "gpt2": "GPT2LMHeadModel"}
+           "mistral": "MistralForCausalLM", "gpt2": "GPT2LMHeadModel", "mixtral": "MixtralForCausalLM",
+           "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 IGNORED_CONFIG_KEYS = {"transformers_version", "dtype", "torch_dtype", "_name_or_path", "bos_token_id", "pad_token_id",
                        "eos_token_id", "use_cache", "architectures", "output_attentions", "output_hidden_states",
                        "return_dict"}

@@ -149,6 +149,36 @@ def test_a_tensor_pipeline_or_zero_stage_change_is_refused_with_the_conversion(b
 
 
 @pytest.mark.slow
+def test_zero1_on_one_data_parallel_rank_runs_as_zero0(byte_shards, tmp_path):
+    # issue 22: ZeRO-1 over one rank partitions nothing and only copies (README, Performance): it runs
+    # as ZeRO-0, the checkpoint says so, resumes as such, and another data-parallel size goes through
+    # a universal checkpoint (ZeRO-0 and ZeRO-1 files differ)
+    from megalm.convert.universal import convert_to_universal
+    from megalm.training.checkpoint_meta import CheckpointMeta
+
+    common = [f"data.train_prefixes=[{byte_shards}]", "train.global_batch_size=8", "train.precision=fp32",
+              "logging.tensorboard=false", "train.eval_interval=0", f"train.run_dir={tmp_path}", "zero.stage=1"]
+    run_distributed_test(train_rank, 1, args=(TINY, [*common, "train.steps=2"]), env={"DS_ACCELERATOR": "cpu"})
+    meta = CheckpointMeta.read(tmp_path / "checkpoints" / "global_step2")
+    assert meta.config.zero.stage == 1 and meta.zero_stage == 0
+    # bf16 keeps ZeRO-1: DeepSpeed's bf16 ZeRO-0 would step the bf16 weights, with no fp32 masters
+    bf16 = [*common[:-2], "train.precision=bf16", f"train.run_dir={tmp_path / 'bf16'}", "zero.stage=1", "train.steps=2"]
+    run_distributed_test(train_rank, 1, args=(TINY, bf16), env={"DS_ACCELERATOR": "cpu"})
+    assert CheckpointMeta.read(tmp_path / "bf16" / "checkpoints" / "global_step2").zero_stage == 1
+    run_distributed_test(train_rank, 1, args=(TINY, [*common, "train.steps=3"]), env={"DS_ACCELERATOR": "cpu"})
+    assert_resumed(tmp_path, 2, 2, 3)
+    with pytest.raises(DistributedTestError) as refused:
+        run_distributed_test(train_rank, 2, args=(TINY, [*common, "train.steps=5"]), env={"DS_ACCELERATOR": "cpu"})
+    assert ("DeepSpeed files are ZeRO-0 (data x context parallel 1 x 1), this run's are ZeRO-1 (2 x 1"
+            in str(refused.value)), str(refused.value)[-2000:]
+    universal = convert_to_universal(tmp_path, tmp_path / "u")
+    run_distributed_test(train_rank, 2, args=(TINY, [*common, "train.steps=5", f"checkpoint.load={universal.parent}"]),
+                         env={"DS_ACCELERATOR": "cpu"})
+    assert CheckpointMeta.read(tmp_path / "checkpoints" / "global_step5").zero_stage == 1
+    assert_resumed(tmp_path, 3, 3, 5)
+
+
+@pytest.mark.slow
 def test_sigusr1_saves_at_next_step_and_exits_0(byte_shards, tmp_path):
     run_dir = tmp_path / "run"
     proc = torchrun(run_dir, byte_shards, *SLOW, "train.steps=200", "checkpoint.interval=0")

@@ -73,6 +73,12 @@ def test_user_errors_at_start_are_one_line(byte_shards, tmp_path):
         (["data.train_prefixes=[/nonexistent/prefix]"], "/nonexistent/prefix"),
         (["train.precision=fp16"], "fp16 needs a CUDA device"),
         ([f"data.train_prefixes=[{byte_shards}]", "model.vocab_size=100"], "set model.vocab_size=257"),
+        ([f"data.train_prefixes=[{byte_shards}]", "model.moe_num_experts=4", "model.moe_top_k=5"],
+         "model.moe_top_k (5) must be in 1..model.moe_num_experts (4)"),
+        ([f"data.train_prefixes=[{byte_shards}]", "model.moe_num_experts=4", "model.moe_dense_layers=[0,7]"],
+         "model.moe_dense_layers [7] outside the model's blocks 0..1"),
+        ([f"data.train_prefixes=[{byte_shards}]", "model.moe_num_experts=4"],
+         "LlamaForCausalLM cannot hold model.moe_num_experts=4: set model.family=mixtral"),
     ]
     for overrides, message in cases:
         if "fp16" in message and torch.cuda.is_available():

@@ -1,0 +1,303 @@
+"""Mixture of experts: the router, the grouped experts and the MoE layer that replaces a block's MLP.
+
+Written to be exactly transformers' Mixtral / Qwen3-MoE sparse block (softmax over the router
+logits in fp32, top-k, optional renormalisation of the k weights, experts stored fused as
+gate_up [E, 2I, H] and down [E, H, I]), with what pretraining adds: sigmoid scores and a scale
+(DeepSeek), shared experts with an optional sigmoid gate (Qwen2-MoE), the switch auxiliary loss and
+the router z-loss.
+
+Dispatch is dropless: the (token, choice) pairs are sorted by expert and each expert multiplies
+its contiguous run of tokens, all experts in one `torch._grouped_mm` where it runs (dimensions
+aligned to 16 bytes), else a loop over the non-empty experts. No per-token Python; no padding.
+
+Tensor parallelism: every tensor rank holds every expert, split as a dense MLP is (gate/up by
+columns with stride 2, down by rows). The router runs on the tokens as the rank holds them (a
+sequence shard under sequence parallelism, with its weight's gradient summed over the tensor ranks
+as a norm's); the tokens, their choices and their combine weights then enter the tensor region
+together (copied, or all-gathered from the sequence shards), so no token is counted twice and the
+partial expert outputs are summed (all-reduce, or reduce-scatter back to the shards).
+
+Auxiliary losses never change the forward value: `_AttachAuxLoss` passes the hidden states through
+and, in the backward pass, gives the auxiliary loss the gradient `aux_loss_scale` (set by the
+trainer to what DeepSpeed gives the language-model loss: 1 / gradient accumulation steps), so they
+reach the router at any pipeline stage without riding along the activations (Megatron-core's
+MoEAuxLossAutoScaler). Their statistics are the micro batch's, whole: token counts are all-reduced
+over the ranks that hold parts of the same sequences (the tensor ranks under sequence parallelism,
+the context ranks), and each rank differentiates its own tokens' part, so the loss is the same at
+every layout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from megalm.config import ModelConfig
+from megalm.parallel.checkpointing import recomputing
+from megalm.parallel.context import TensorParallel
+from megalm.parallel.layers import mark_replicated_param, mark_sharded, sequence_parallel_param, shard_tensor
+from megalm.parallel.mappings import (
+    copy_to_tensor_region,
+    gather_from_sequence_region,
+    group_size,
+    reduce_from_tensor_region,
+    reduce_scatter_to_sequence_region,
+)
+from megalm.parallel.random import normal_init
+
+
+def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
+    """Whether block `layer` (0-based) has experts: MoE on, not listed in moe_dense_layers, and
+    (layer + 1) divisible by moe_layer_freq (transformers' decoder_sparse_step / mlp_only_layers)."""
+    return cfg.moe_num_experts > 0 and layer not in cfg.moe_dense_layers and (layer + 1) % cfg.moe_layer_freq == 0
+
+
+# ----------------------------------------------------------------------------- grouped matmul
+
+
+def _aligned(*tensors: torch.Tensor) -> bool:
+    """torch._grouped_mm needs every stride (but the last) a multiple of 16 bytes."""
+    return all(t.stride(i) * t.element_size() % 16 == 0 for t in tensors for i in range(t.dim() - 1))
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows of x sorted by group (counts[e] rows for group e) times weight[e]^T: (N, in) x (E, out, in)
+    -> (N, out). torch._grouped_mm where it exists for this device, dtype and alignment, else a
+    loop over the groups that have rows."""
+    w = weight.transpose(1, 2)  # (E, in, out), a view
+    if hasattr(torch, "_grouped_mm") and x.dtype == w.dtype and x.size(0) > 0 and _aligned(x, weight):
+        try:
+            return torch._grouped_mm(x.contiguous(), w, offs=offsets)
+        except (RuntimeError, NotImplementedError):  # this device/dtype has no kernel: the loop below
+            pass
+    pieces, start = [], 0
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            pieces.append(x[start:start + n] @ w[e])
+            start += n
+    return torch.cat(pieces) if pieces else x.new_zeros((0, weight.size(1)))
+
+
+# ----------------------------------------------------------------------------- auxiliary losses
+
+
+class _AttachAuxLoss(torch.autograd.Function):
+    """forward: x unchanged; backward: x's gradient, and `scale` as the gradient of `aux`."""
+
+    @staticmethod
+    def forward(ctx, x, aux, scale):  # noqa: D102
+        ctx.scale = scale
+        ctx.aux_shape = aux.shape
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        return grad, torch.full(ctx.aux_shape, ctx.scale, device=grad.device, dtype=torch.float32), None
+
+
+def _sum_over(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """All-reduce (no gradient) of a statistic over the ranks that hold parts of the same sequences."""
+    if group_size(group) > 1:
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+    return x
+
+
+# ----------------------------------------------------------------------------- the layer
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts: w1 = [gate; up] (E, 2I / p, H) split by columns with stride 2 over the tensor
+    ranks, w2 (E, H, I / p) by rows. Names and layout are transformers 5.x's fused experts."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, generator: torch.Generator) -> None:
+        super().__init__()
+        e, h, i = cfg.moe_num_experts, cfg.hidden_size, cfg.moe_ffn_hidden_size
+        p, r = tp.size, tp.rank
+        w1 = torch.empty(e, 2 * i, h)
+        normal_init(cfg.init_std, generator)(w1)
+        w2 = torch.empty(e, h, i)
+        normal_init(cfg.init_std / math.sqrt(2 * cfg.num_layers), generator)(w2)
+        self.w1 = nn.Parameter(shard_tensor(w1, 1, r, p, stride=2))
+        self.w2 = nn.Parameter(shard_tensor(w2, 2, r, p))
+        mark_sharded(self.w1, 1, 2)
+        mark_sharded(self.w2, 2, 1)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x (N, H) sorted by expert, counts (E,) -> (N, H) partial over the tensor ranks."""
+        offsets = counts.cumsum(0).to(torch.int32)
+        gate, up = grouped_linear(x, self.w1, counts, offsets).chunk(2, dim=-1)
+        return grouped_linear(F.silu(gate) * up, self.w2, counts, offsets)
+
+
+class MoE(nn.Module):
+    """A block's feed-forward as a mixture of experts: y = sum_k w_k expert_{e_k}(x) (+ shared).
+
+    `aux_loss_scale` is the gradient the auxiliary losses receive (the trainer sets it to the
+    language-model loss's: 1 / gradient accumulation steps). `stats` accumulates, over the forward
+    passes since the last `pop_stats`, the tokens per expert and the auxiliary losses' values.
+    """
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, generator: torch.Generator) -> None:
+        super().__init__()
+        from megalm.model.layers import MLP  # noqa: PLC0415 - layers builds MoE
+
+        self.cfg, self.tp = cfg, tp
+        self.num_experts, self.top_k = cfg.moe_num_experts, cfg.moe_top_k
+        self.router = nn.Linear(cfg.hidden_size, self.num_experts, bias=False)
+        normal_init(cfg.init_std, generator)(self.router.weight)
+        mark_replicated_param(self.router.weight, tp.sequence_parallel)
+        self.experts = GroupedExperts(cfg, tp, generator)
+        self.shared = self.shared_gate = None
+        if cfg.moe_shared_expert_size:
+            self.shared = MLP(cfg, tp, generator, width=cfg.moe_shared_expert_size)
+            if cfg.moe_shared_expert_gate:
+                self.shared_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+                normal_init(cfg.init_std, generator)(self.shared_gate.weight)
+                mark_replicated_param(self.shared_gate.weight, tp.sequence_parallel)
+        # the ranks holding parts of the same sequences: their token counts make the micro batch's
+        self.token_groups = [g for g in (tp.group if tp.sequence_parallel else None, tp.context) if g is not None]
+        self.aux_loss_scale = 1.0
+        self.stats: dict[str, torch.Tensor] = {}
+        self.layer_number = -1  # the block's, set by it (names the metrics)
+
+    # ------------------------------------------------------------------ routing
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (T, H) -> fp32 router logits (T, E), chosen experts (T, k), their weights (T, k) fp32."""
+        weight = sequence_parallel_param(self.router.weight, self.tp.group, self.tp.sequence_parallel)
+        logits = F.linear(x.float(), weight.float())
+        scores = logits.softmax(-1) if self.cfg.moe_score == "softmax" else logits.sigmoid()
+        top, chosen = scores.topk(self.top_k, dim=-1)
+        if self.cfg.moe_norm_topk_prob:
+            top = top / (top.sum(-1, keepdim=True) + (1e-20 if self.cfg.moe_score == "sigmoid" else 0.0))
+        return logits, chosen, top * self.cfg.moe_router_scale
+
+    def _aux_losses(self, logits: torch.Tensor, chosen: torch.Tensor, counts: torch.Tensor) -> torch.Tensor | None:
+        """This rank's part of coeff * switch loss + z coeff * z-loss over the whole micro batch, and
+        the statistics for the metrics. Switch loss: E / (k T^2) sum_e count_e * sum_t p_te, 1 at
+        perfectly balanced routing (Megatron's convention; transformers' pools the layers and gives k)."""
+        cfg, e, k = self.cfg, self.num_experts, self.top_k
+        tokens = torch.tensor(float(logits.size(0)), device=logits.device)
+        for g in self.token_groups:
+            counts, tokens = _sum_over(counts, g), _sum_over(tokens, g)
+        total = logits.new_zeros(())
+        values = {}
+        if cfg.moe_aux_loss_coeff > 0:
+            probs = logits.softmax(-1) if cfg.moe_score == "softmax" else logits.sigmoid()
+            if cfg.moe_score == "sigmoid":
+                probs = probs / (probs.sum(-1, keepdim=True) + 1e-20)
+            part = (counts.float() * probs.sum(0)).sum() * (e / (k * tokens * tokens))
+            total = total + cfg.moe_aux_loss_coeff * part
+            values["aux_loss"] = part.detach()
+        if cfg.moe_z_loss_coeff > 0:
+            part = torch.logsumexp(logits, -1).square().sum() / tokens
+            total = total + cfg.moe_z_loss_coeff * part
+            values["z_loss"] = part.detach()
+        if not recomputing():
+            self._record(counts, values)
+        return total if values else None
+
+    def _record(self, counts: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
+        """Add this forward's global counts and this rank's loss parts to `stats` (summed over the
+        token groups when popped: each rank holds its tokens' part)."""
+        new = {"tokens_per_expert": counts.detach().double(), "forwards": torch.ones((), dtype=torch.float64)}
+        new.update({k: v.double() for k, v in values.items()})
+        for key, v in new.items():
+            self.stats[key] = self.stats[key] + v if key in self.stats else v
+
+    def pop_stats(self) -> dict[str, torch.Tensor]:
+        """The statistics since the last call (loss parts summed over the token groups), reset."""
+        stats, self.stats = self.stats, {}
+        for key in ("aux_loss", "z_loss"):
+            if key in stats:
+                for g in self.token_groups:
+                    stats[key] = _sum_over(stats[key], g)
+        return stats
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, h = x.shape  # s: the sequence shard under sequence parallelism
+        logits, chosen, weights = self.route(x.reshape(-1, h))
+        counts_local = torch.bincount(chosen.reshape(-1), minlength=self.num_experts)
+        aux = self._aux_losses(logits, chosen, counts_local) if self.training and torch.is_grad_enabled() else None
+        routed = self._experts(x, chosen.view(b, s, -1), weights.to(x.dtype).view(b, s, -1))
+        if self.shared is not None:
+            shared = self.shared(x)
+            if self.shared_gate is not None:
+                gate_w = sequence_parallel_param(self.shared_gate.weight, self.tp.group, self.tp.sequence_parallel)
+                shared = torch.sigmoid(F.linear(x, gate_w)) * shared
+            routed = routed + shared
+        if aux is not None:
+            routed = _AttachAuxLoss.apply(routed, aux, self.aux_loss_scale)
+        return routed
+
+    def _experts(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Every tensor rank runs its slice of the experts on all the micro batch's tokens."""
+        group, sp = self.tp.group, self.tp.sequence_parallel
+        if sp:  # the shards' tokens, choices and weights, whole; backward: reduce-scatter
+            x = gather_from_sequence_region(x, group, tensor_parallel_output_grad=True)
+            weights = gather_from_sequence_region(weights, group, tensor_parallel_output_grad=True)
+            chosen = gather_from_sequence_region(chosen, group, tensor_parallel_output_grad=False)
+        else:  # the same tokens on every tensor rank; backward: sum the partial gradients
+            x, weights = copy_to_tensor_region(x, group), copy_to_tensor_region(weights, group)
+        b, s, h = x.shape
+        tokens, k = x.reshape(-1, h), self.top_k
+        flat = chosen.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # (token, choice) pairs grouped by expert
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        source = order // k
+        y = self.experts(tokens[source], counts) * weights.reshape(-1)[order].unsqueeze(-1)
+        out = torch.zeros_like(tokens).index_add(0, source, y.to(tokens.dtype)).view(b, s, h)
+        if sp:
+            return reduce_scatter_to_sequence_region(out, group)
+        return reduce_from_tensor_region(out, group)
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
+    """(name, layer) of every MoE layer of a model (or a pipeline stage)."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+
+
+def moe_metrics(model: nn.Module, data_group: dist.ProcessGroup | None, world: bool = True) -> dict[str, float]:
+    """The MoE layers' statistics since the last call, over every rank's micro batches, as metrics:
+    per block N, `moe/N/load_max` (the busiest expert's tokens over the mean: 1 is balanced),
+    `moe/N/load_min`, `moe/N/aux_loss` and `moe/N/z_loss` (per micro batch, before their
+    coefficients). Collective over the data group, then (`world`) every rank: pipeline stages hold
+    different layers. Every rank must call it; all get the same dict."""
+    out: dict[str, float] = {}
+    for _, layer in moe_layers(model):
+        stats = layer.pop_stats()
+        if not stats:
+            continue
+        names = sorted(stats)
+        packed = torch.cat([stats[k].reshape(-1) for k in names])
+        if group_size(data_group) > 1:
+            dist.all_reduce(packed, group=data_group)
+        parts = dict(zip(names, packed.split([stats[k].numel() for k in names]), strict=True))
+        counts, forwards = parts["tokens_per_expert"], parts["forwards"].item()
+        n = layer.layer_number
+        mean = counts.mean().clamp_min(1e-12)
+        out[f"moe/{n}/load_max"] = (counts.max() / mean).item()
+        out[f"moe/{n}/load_min"] = (counts.min() / mean).item()
+        for key in ("aux_loss", "z_loss"):
+            if key in parts:
+                out[f"moe/{n}/{key}"] = parts[key].item() / forwards
+    if world and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[dict[str, float] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, out)
+        for d in gathered:
+            out.update(d or {})
+    return dict(sorted(out.items(), key=lambda kv: (int(kv[0].split("/")[1]), kv[0])))
+
+
+def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
+    """The gradient every MoE layer gives its auxiliary losses: the language-model loss's own scale."""
+    for _, layer in moe_layers(model):
+        layer.aux_loss_scale = scale
+
