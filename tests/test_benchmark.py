@@ -39,6 +39,20 @@ def test_benchmark_compares_a_qwen3_shape_with_transformers_qwen3():
     assert abs(out["hf"]["final_loss"] - 5.55) < 0.5 and abs(out["final_loss"] - 5.55) < 0.5
 
 
+def test_benchmark_compares_a_moe_shape_with_transformers_qwen3_moe():
+    # issue 23: configs/moe-tiny.yaml against Qwen3MoeForCausalLM; MFU on active parameters
+    from megalm.config import load_config
+    from megalm.model.flops import count_parameters, flops_per_token_palm
+
+    out = run_benchmark("--config", str(REPO / "configs" / "moe-tiny.yaml"), "--steps", "2", "--warmup", "1",
+                        "--compare-hf", "eager", "--peak-tflops", "1.0")
+    assert out["hf"]["class"] == "Qwen3MoeForCausalLM" and out["speedup_vs_hf"] > 0
+    assert abs(out["hf"]["final_loss"] - 5.55) < 0.5 and abs(out["final_loss"] - 5.55) < 0.5
+    model = load_config(REPO / "configs" / "moe-tiny.yaml").model
+    assert out["tflops"] == pytest.approx(out["tokens_per_s"] * flops_per_token_palm(model, 64) / 1e12, rel=1e-6)
+    assert flops_per_token_palm(model, 64) < 6 * count_parameters(model, embeddings=False)  # k of E experts count
+
+
 def test_benchmark_on_real_shards(byte_shards, tmp_path):
     # the trainer's pipeline (sample index, a DataLoader worker) on a model with ~0.2 s steps
     out = run_benchmark("--config", TINY, "--steps", "8", "--warmup", "2", f"data.train_prefixes=[{byte_shards}]",

@@ -28,11 +28,13 @@ class ModelConfig:
     arch: Literal["llama", "gpt2"] = "llama"
     """Block structure: llama (RMSNorm, RoPE, SwiGLU, no biases) or gpt2 (LayerNorm, learned
     positions, tanh-GELU, biases)."""
-    family: Literal["", "llama", "gpt2", "qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe", "qwen3_moe"] = ""
+    family: Literal["", "llama", "gpt2", "qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe", "qwen3_moe", "none"] = ""
     """The Hugging Face family: the transformers class and model_type to-hf writes, and the features
     that class has (qwen2: qkv_bias; qwen3: qk_norm; mistral, qwen2/3: sliding_window; llama, qwen3,
     mistral: a free head_dim; mixtral, qwen2_moe, qwen3_moe: experts); checked at start-up. from-hf
-    sets it. Default: arch. megalm/convert/families.py."""
+    sets it. none: no transformers class (a model no family holds, e.g. sigmoid-scored experts:
+    it trains, converts between layouts, generates; to-hf refuses it). Default: arch.
+    megalm/convert/families.py."""
     hidden_size: int = 256
     """Model width d."""
     num_layers: int = 4

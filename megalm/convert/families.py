@@ -277,6 +277,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 
 
 def family_of(cfg: ModelConfig) -> Family:
+    """The model's family; model.family=none (a model no transformers class holds) is a MegalmError."""
+    if cfg.family == "none":
+        raise MegalmError("model.family=none: this model has no Hugging Face class (no family holds its features, "
+                          "megalm/convert/families.py), so it cannot be written as one")
     return FAMILIES[cfg.family or cfg.arch]
 
 
@@ -302,13 +306,16 @@ def _holds(f: Family, cfg: ModelConfig) -> dict[str, bool]:
 
 
 def family_mismatch(cfg: ModelConfig) -> str | None:
-    """Why `cfg.family`'s transformers class cannot hold this model (None: it can), naming the fix."""
+    """Why `cfg.family`'s transformers class cannot hold this model (None: it can, or family none), naming the fix."""
+    if cfg.family == "none":
+        return None
     f = family_of(cfg)
     bad = [key for key, ok in _holds(f, cfg).items() if not ok]
     if not bad:
         return None
     others = [g.name for g in FAMILIES.values() if all(_holds(g, cfg).values())]
-    fix = f"set model.family={' or '.join(others)}" if others else f"no family holds this model; change model.{bad[0]}"
+    fix = (f"set model.family={' or '.join(others)}" if others else
+           f"no family holds this model; change model.{bad[0]}, or set model.family=none (no Hugging Face export)")
     value = getattr(cfg, bad[0])
     return f"{f.hf_class} cannot hold model.{bad[0]}={str(value).lower() if isinstance(value, bool) else value}: {fix}"
 

@@ -128,6 +128,7 @@ def save_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig, tokenizer: Any,
 
     if out.exists() and any(out.iterdir()):
         raise MegalmError(f"output directory {out} exists and is not empty; choose a new one")
+    families.family_of(cfg)  # model.family=none: refused before anything is written
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -82,6 +82,12 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, 
     return torch.cat(pieces) if pieces else x.new_zeros((0, weight.size(1)))
 
 
+def _count(experts: torch.Tensor, n: int) -> torch.Tensor:
+    """How many entries of `experts` name each of the n experts; a fixed shape (n,), unlike
+    bincount's, so torch.compile needs no dynamic shape."""
+    return torch.zeros(n, dtype=torch.long, device=experts.device).scatter_add_(0, experts, torch.ones_like(experts))
+
+
 # ----------------------------------------------------------------------------- auxiliary losses
 
 
@@ -224,7 +230,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, h = x.shape  # s: the sequence shard under sequence parallelism
         logits, chosen, weights = self.route(x.reshape(-1, h))
-        counts_local = torch.bincount(chosen.reshape(-1), minlength=self.num_experts)
+        counts_local = _count(chosen.reshape(-1), self.num_experts)
         aux = self._aux_losses(logits, chosen, counts_local) if self.training and torch.is_grad_enabled() else None
         routed = self._experts(x, chosen.view(b, s, -1), weights.to(x.dtype).view(b, s, -1))
         if self.shared is not None:
@@ -250,7 +256,7 @@ class MoE(nn.Module):
         tokens, k = x.reshape(-1, h), self.top_k
         flat = chosen.reshape(-1)
         order = torch.argsort(flat, stable=True)  # (token, choice) pairs grouped by expert
-        counts = torch.bincount(flat, minlength=self.num_experts)
+        counts = _count(flat, self.num_experts)
         source = order // k
         y = self.experts(tokens[source], counts) * weights.reshape(-1)[order].unsqueeze(-1)
         out = torch.zeros_like(tokens).index_add(0, source, y.to(tokens.dtype)).view(b, s, h)

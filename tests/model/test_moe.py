@@ -179,3 +179,29 @@ def test_expert_widths_must_divide_by_the_tensor_size():
     with pytest.raises(MegalmError) as e:
         cfg.validate(world_size=2)
     assert str(e.value) == "model.moe_ffn_hidden_size (175) must divide by parallel.tensor (2)"
+
+
+def test_a_model_no_family_holds_trains_as_family_none_and_to_hf_refuses_it(tmp_path):
+    from megalm.convert.hf import save_hf
+    from megalm.data.tokenizer import ByteTokenizer
+
+    with pytest.raises(MegalmError) as e:  # sigmoid scores: no transformers class here has them
+        validate_model(small(moe_score="sigmoid", family="mixtral"))
+    assert "no family holds this model; change model.moe_score, or set model.family=none" in str(e.value)
+    cfg = small(moe_score="sigmoid", family="none", vocab_size=257)
+    validate_model(cfg)
+    model = GPT(cfg, TensorParallel.build(None))
+    with pytest.raises(MegalmError, match="model.family=none: this model has no Hugging Face class"):
+        save_hf(model.state_dict(), cfg, ByteTokenizer(), tmp_path / "hf")
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_parameter_counts_total_and_active():
+    from megalm.model.flops import count_module_parameters, count_parameters
+
+    cfg = small(num_layers=3, moe_dense_layers=[0], moe_shared_expert_size=8, moe_shared_expert_gate=True,
+                family="qwen2_moe", qkv_bias=True, vocab_size=128)
+    model = GPT(cfg, TensorParallel.build(None))
+    assert count_module_parameters(model) == count_parameters(cfg)  # every expert, router and shared gate
+    per_block_inactive = 3 * 32 * 16 * (4 - 2)  # E - k experts of 3 d f_e each
+    assert count_parameters(cfg) - count_parameters(cfg, active=True) == 2 * per_block_inactive
