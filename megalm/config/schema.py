@@ -111,6 +111,12 @@ class ModelConfig:
     DeepSeek); 0: none."""
     moe_shared_expert_gate: bool = False
     """Scale the shared expert's output by sigmoid(x w) (Qwen2-MoE's shared_expert_gate)."""
+    moe_capacity_factor: float = 0.0
+    """0: dropless (no token dropped, no padding). > 0: in training each expert takes at most
+    ceil(factor x routed pairs / experts) of the (token, choice) pairs its dispatch sees, keeping the
+    highest combine weights; the rest are dropped (the token keeps its residual and other experts)
+    and counted (metric moe/N/dropped). The dispatch sees the micro batch's tokens, or under context
+    parallelism the rank's chunk: dropping then depends on the layout. Evaluation is dropless."""
     moe_aux_loss_coeff: float = 0.0
     """Weight of each MoE layer's switch/GShard load-balancing loss E / k * sum_e f_e p_e (1 when
     balanced), over each micro batch's tokens, summed over the layers and added to the loss's gradient

@@ -9,6 +9,8 @@ the router z-loss.
 Dispatch is dropless: the (token, choice) pairs are sorted by expert and each expert multiplies
 its contiguous run of tokens, all experts in one `torch._grouped_mm` where it runs (dimensions
 aligned to 16 bytes), else a loop over the non-empty experts. No per-token Python; no padding.
+With model.moe_capacity_factor > 0 training drops, per expert, the pairs past its capacity with the
+lowest weights, and counts them (evaluation and generation stay dropless, as transformers).
 
 Tensor parallelism: every tensor rank holds every expert, split as a dense MLP is (gate/up by
 columns with stride 2, down by rows). The router runs on the tokens as the rank holds them (a
@@ -223,6 +225,9 @@ class MoE(nn.Module):
             if key in stats:
                 for g in self.token_groups:
                     stats[key] = _sum_over(stats[key], g)
+        for key in ("dropped", "routed"):  # the tensor ranks saw the same tokens, the context ranks their chunks
+            if key in stats:
+                stats[key] = _sum_over(stats[key], self.tp.context)
         return stats
 
     # ------------------------------------------------------------------ forward
@@ -255,14 +260,36 @@ class MoE(nn.Module):
         b, s, h = x.shape
         tokens, k = x.reshape(-1, h), self.top_k
         flat = chosen.reshape(-1)
-        order = torch.argsort(flat, stable=True)  # (token, choice) pairs grouped by expert
-        counts = _count(flat, self.num_experts)
+        if self.cfg.moe_capacity_factor > 0 and self.training:
+            order, counts = self._within_capacity(flat, weights.reshape(-1).detach())
+        else:  # dropless
+            order = torch.argsort(flat, stable=True)  # (token, choice) pairs grouped by expert
+            counts = _count(flat, self.num_experts)
         source = order // k
         y = self.experts(tokens[source], counts) * weights.reshape(-1)[order].unsqueeze(-1)
         out = torch.zeros_like(tokens).index_add(0, source, y.to(tokens.dtype)).view(b, s, h)
         if sp:
             return reduce_scatter_to_sequence_region(out, group)
         return reduce_from_tensor_region(out, group)
+
+
+    def _within_capacity(self, flat: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (token, choice) pairs each expert keeps, grouped by expert, and the kept counts: an expert
+        takes at most ceil(moe_capacity_factor x pairs / E) of the pairs the dispatch sees, those with
+        the highest combine weights (Megatron's "probs" policy); the rest are dropped (their token
+        keeps the residual and its other experts; the weights are not renormalised) and counted."""
+        n, e = flat.numel(), self.num_experts
+        capacity = math.ceil(self.cfg.moe_capacity_factor * n / e)
+        best_first = torch.argsort(-scores, stable=True)
+        order = best_first[torch.argsort(flat[best_first], stable=True)]  # by expert, best first within
+        counts = _count(flat, e)
+        rank = torch.arange(n, device=flat.device) - (counts.cumsum(0) - counts)[flat[order]]
+        keep = rank < capacity
+        if torch.is_grad_enabled() and not recomputing():
+            dropped = (n - keep.sum()).double()
+            for key, v in (("dropped", dropped), ("routed", torch.tensor(float(n), dtype=torch.float64))):
+                self.stats[key] = self.stats[key] + v if key in self.stats else v
+        return order[keep], counts.clamp(max=capacity)
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
@@ -274,7 +301,7 @@ def moe_metrics(model: nn.Module, data_group: dist.ProcessGroup | None, world: b
     """The MoE layers' statistics since the last call, over every rank's micro batches, as metrics:
     per block N, `moe/N/load_max` (the busiest expert's tokens over the mean: 1 is balanced),
     `moe/N/load_min`, `moe/N/aux_loss` and `moe/N/z_loss` (per micro batch, before their
-    coefficients). Collective over the data group, then (`world`) every rank: pipeline stages hold
+    coefficients), `moe/N/dropped` (the fraction of (token, choice) pairs over capacity). Collective over the data group, then (`world`) every rank: pipeline stages hold
     different layers. Every rank must call it; all get the same dict."""
     out: dict[str, float] = {}
     for _, layer in moe_layers(model):
@@ -294,6 +321,8 @@ def moe_metrics(model: nn.Module, data_group: dist.ProcessGroup | None, world: b
         for key in ("aux_loss", "z_loss"):
             if key in parts:
                 out[f"moe/{n}/{key}"] = parts[key].item() / forwards
+        if "routed" in parts:
+            out[f"moe/{n}/dropped"] = parts["dropped"].item() / parts["routed"].item()
     if world and dist.is_initialized() and dist.get_world_size() > 1:
         gathered: list[dict[str, float] | None] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, out)

@@ -205,3 +205,32 @@ def test_parameter_counts_total_and_active():
     assert count_module_parameters(model) == count_parameters(cfg)  # every expert, router and shared gate
     per_block_inactive = 3 * 32 * 16 * (4 - 2)  # E - k experts of 3 d f_e each
     assert count_parameters(cfg) - count_parameters(cfg, active=True) == 2 * per_block_inactive
+
+
+def test_capacity_drops_the_lowest_weights_past_each_experts_capacity_and_counts_them():
+    moe = layer(small(moe_capacity_factor=0.5))
+    moe.train()
+    x = torch.randn(2, 8, 32)
+    y = moe(x)  # 16 tokens x 2 choices = 32 pairs; capacity ceil(0.5 x 32 / 4) = 4 per expert
+    # reference: per expert, the 4 pairs with the highest weights, by the per-token definition
+    _, chosen, weights = moe.route(x.reshape(-1, 32))
+    keep = torch.zeros_like(weights, dtype=torch.bool)
+    for e in range(4):
+        pairs = (chosen == e).nonzero().tolist()
+        pairs.sort(key=lambda p: -weights[p[0], p[1]].item())
+        for t, j in pairs[:4]:
+            keep[t, j] = True
+    ref = torch.zeros(16, 32)
+    for t in range(16):
+        for j in range(2):
+            if keep[t, j]:
+                e, xt = chosen[t, j].item(), x.reshape(-1, 32)[t]
+                gate, up = (moe.experts.w1[e] @ xt).chunk(2)
+                ref[t] += weights[t, j] * (moe.experts.w2[e] @ (F.silu(gate) * up))
+    torch.testing.assert_close(y.reshape(-1, 32), ref, rtol=1e-5, atol=1e-6)
+    assert (~keep).sum() > 0  # it did drop
+    stats = moe.pop_stats()
+    assert stats["dropped"].item() == (~keep).sum().item() and stats["routed"].item() == 32
+    moe.eval()  # evaluation is dropless
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), reference(moe, x), rtol=1e-5, atol=1e-6)

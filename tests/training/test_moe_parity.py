@@ -58,9 +58,10 @@ def test_moe_under_tensor_sequence_pipeline_with_recompute_matches_one_process(b
 
 
 def test_moe_metrics_are_logged_per_layer(byte_shards):
-    # tokens per expert (busiest and idlest over the mean), the auxiliary and z losses, per MoE block,
-    # gathered from the pipeline stage that holds the block
-    records = run_layout_ranks(Layout(pipeline=2), MOE_TINY, base(byte_shards, "train.steps=2"), rank=metrics_rank)[0]
+    # tokens per expert (busiest and idlest over the mean), the auxiliary and z losses, the fraction dropped
+    # past capacity, per MoE block, gathered from the pipeline stage that holds the block
+    records = run_layout_ranks(Layout(pipeline=2), MOE_TINY, base(byte_shards, "train.steps=2", "model.moe_capacity_factor=1.0"),
+                               rank=metrics_rank)[0]
     steps = [r for r in records if "loss" in r]
     assert len(steps) == 2
     for r in steps:
@@ -68,4 +69,5 @@ def test_moe_metrics_are_logged_per_layer(byte_shards):
             assert r[f"moe/{block}/load_max"] >= 1.0 >= r[f"moe/{block}/load_min"] >= 0.0
             assert 0.5 < r[f"moe/{block}/aux_loss"] < 2.0  # 1 when balanced, at most E / k
             assert r[f"moe/{block}/z_loss"] > 0
+            assert 0 <= r[f"moe/{block}/dropped"] < 0.5  # capacity 1.0: only what the busiest experts overflow
         assert "moe/0/load_max" not in r
