@@ -117,6 +117,11 @@ class ModelConfig:
     highest combine weights; the rest are dropped (the token keeps its residual and other experts)
     and counted (metric moe/N/dropped). The dispatch sees the micro batch's tokens, or under context
     parallelism the rank's chunk: dropping then depends on the layout. Evaluation is dropless."""
+    moe_bias_update_rate: float = 0.0
+    """DeepSeek-V3's auxiliary-loss-free balancing: a per-expert bias added to the scores only to
+    choose the experts (the combine weights stay unbiased), moved by this rate x sign(mean - count)
+    after every optimizer step from the step's token counts over all data-parallel ranks (DeepSeek-V3:
+    0.001). Checkpointed with the model. 0: no bias."""
     moe_aux_loss_coeff: float = 0.0
     """Weight of each MoE layer's switch/GShard load-balancing loss E / k * sum_e f_e p_e (1 when
     balanced), over each micro batch's tokens, summed over the layers and added to the loss's gradient

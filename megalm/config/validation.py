@@ -78,6 +78,7 @@ def _validate_moe(m: ModelConfig) -> None:
     outside = [i for i in m.moe_dense_layers if not (isinstance(i, int) and 0 <= i < m.num_layers)]
     _check(not outside, f"model.moe_dense_layers {outside} outside the model's blocks 0..{m.num_layers - 1}")
     _check(m.moe_router_scale > 0, "model.moe_router_scale must be positive")
+    _check(m.moe_bias_update_rate >= 0, "model.moe_bias_update_rate must not be negative")
     _check(m.moe_capacity_factor >= 0, f"model.moe_capacity_factor must be >= 0 (0: dropless), got {m.moe_capacity_factor}")
     _check(m.moe_shared_expert_size >= 0, "model.moe_shared_expert_size must not be negative")
     _check(not m.moe_shared_expert_gate or m.moe_shared_expert_size > 0,

@@ -285,7 +285,8 @@ def family_of(cfg: ModelConfig) -> Family:
 
 
 _MOE_DEFAULTS = {"moe_layer_freq": 1, "moe_dense_layers": [], "moe_score": "softmax", "moe_norm_topk_prob": True,
-                 "moe_router_scale": 1.0, "moe_shared_expert_size": 0, "moe_shared_expert_gate": False}
+                 "moe_router_scale": 1.0, "moe_shared_expert_size": 0, "moe_shared_expert_gate": False,
+                 "moe_bias_update_rate": 0.0}
 
 
 def _holds(f: Family, cfg: ModelConfig) -> dict[str, bool]:

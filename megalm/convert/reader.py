@@ -192,6 +192,9 @@ class CheckpointReader:
 
     def __init__(self, ckpt: MegalmCheckpoint, prefer_master: bool = True) -> None:
         self.ckpt, self.model = ckpt, ckpt.config.model
+        if self.model.moe_bias_update_rate > 0:  # a buffer, not a parameter: refused rather than lost
+            raise MegalmError(f"{ckpt.path}: its MoE expert bias (model.moe_bias_update_rate) is not carried by the "
+                              "converters yet (reshard, universal, to-hf); resume it at its own layout")
         self.specs = sharding_specs(self.model)
         self.universal = ckpt.meta.kind == "universal"
         self.where: dict[str, list[tuple[_RankWeights, str]]] = {}

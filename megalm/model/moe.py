@@ -171,6 +171,11 @@ class MoE(nn.Module):
         self.token_groups = [g for g in (tp.group if tp.sequence_parallel else None, tp.context) if g is not None]
         self.aux_loss_scale = 1.0
         self.stats: dict[str, torch.Tensor] = {}
+        self.bias_rate = cfg.moe_bias_update_rate
+        if self.bias_rate > 0:  # DeepSeek-V3's auxiliary-loss-free balancing (update_expert_bias)
+            # the bias in units of the rate: an integer, so no precision cast (bf16 modules) changes it
+            self.register_buffer("expert_bias_steps", torch.zeros(self.num_experts, dtype=torch.long))
+            self.register_buffer("step_counts", torch.zeros(self.num_experts, dtype=torch.long), persistent=False)
         self.layer_number = -1  # the block's, set by it (names the metrics)
 
     # ------------------------------------------------------------------ routing
@@ -180,7 +185,11 @@ class MoE(nn.Module):
         weight = sequence_parallel_param(self.router.weight, self.tp.group, self.tp.sequence_parallel)
         logits = F.linear(x.float(), weight.float())
         scores = logits.softmax(-1) if self.cfg.moe_score == "softmax" else logits.sigmoid()
-        top, chosen = scores.topk(self.top_k, dim=-1)
+        if self.bias_rate > 0:  # the expert bias changes which experts are chosen, not their weights
+            chosen = (scores + self.bias_rate * self.expert_bias_steps.float()).topk(self.top_k, dim=-1).indices
+            top = scores.gather(-1, chosen)
+        else:
+            top, chosen = scores.topk(self.top_k, dim=-1)
         if self.cfg.moe_norm_topk_prob:
             top = top / (top.sum(-1, keepdim=True) + (1e-20 if self.cfg.moe_score == "sigmoid" else 0.0))
         return logits, chosen, top * self.cfg.moe_router_scale
@@ -208,6 +217,8 @@ class MoE(nn.Module):
             values["z_loss"] = part.detach()
         if not recomputing():
             self._record(counts, values)
+            if self.bias_rate > 0:
+                self.step_counts += counts
         return total if values else None
 
     def _record(self, counts: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
@@ -301,7 +312,8 @@ def moe_metrics(model: nn.Module, data_group: dist.ProcessGroup | None, world: b
     """The MoE layers' statistics since the last call, over every rank's micro batches, as metrics:
     per block N, `moe/N/load_max` (the busiest expert's tokens over the mean: 1 is balanced),
     `moe/N/load_min`, `moe/N/aux_loss` and `moe/N/z_loss` (per micro batch, before their
-    coefficients), `moe/N/dropped` (the fraction of (token, choice) pairs over capacity). Collective over the data group, then (`world`) every rank: pipeline stages hold
+    coefficients), `moe/N/dropped` (the fraction of (token, choice) pairs over capacity),
+    `moe/N/bias_norm` (the expert bias's L2 norm). Collective over the data group, then (`world`) every rank: pipeline stages hold
     different layers. Every rank must call it; all get the same dict."""
     out: dict[str, float] = {}
     for _, layer in moe_layers(model):
@@ -323,12 +335,30 @@ def moe_metrics(model: nn.Module, data_group: dist.ProcessGroup | None, world: b
                 out[f"moe/{n}/{key}"] = parts[key].item() / forwards
         if "routed" in parts:
             out[f"moe/{n}/dropped"] = parts["dropped"].item() / parts["routed"].item()
+        if layer.bias_rate > 0:
+            out[f"moe/{n}/bias_norm"] = (layer.bias_rate * layer.expert_bias_steps.double()).norm().item()
     if world and dist.is_initialized() and dist.get_world_size() > 1:
         gathered: list[dict[str, float] | None] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, out)
         for d in gathered:
             out.update(d or {})
     return dict(sorted(out.items(), key=lambda kv: (int(kv[0].split("/")[1]), kv[0])))
+
+
+def update_expert_bias(model: nn.Module, data_group: dist.ProcessGroup | None) -> None:
+    """After an optimizer step: each MoE layer with an expert bias (model.moe_bias_update_rate) moves
+    it by rate x sign(mean count - count) from the step's token counts over every data-parallel rank
+    (the counts are already whole over the tensor and context ranks): busy experts become less
+    likely to be chosen, idle ones more (DeepSeek-V3). Every rank of the data group must call it."""
+    layers = [m for _, m in moe_layers(model) if m.bias_rate > 0]
+    if not layers:
+        return
+    counts = torch.stack([m.step_counts for m in layers])  # (layers, E)
+    if group_size(data_group) > 1:
+        dist.all_reduce(counts, group=data_group)
+    for layer, c in zip(layers, counts.double(), strict=True):
+        layer.expert_bias_steps += torch.sign(c.mean() - c).long()
+        layer.step_counts.zero_()
 
 
 def set_aux_loss_scale(model: nn.Module, scale: float) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from megalm.convert.universal import UniversalCheckpoint
 from megalm.errors import MegalmError
 from megalm.inference.harness import check_tasks, run_tasks, task_scalars
 from megalm.inference.load import TextCodec
-from megalm.model.moe import moe_metrics
+from megalm.model.moe import moe_metrics, update_expert_bias
 from megalm.parallel.dims import ParallelDims
 from megalm.parallel.launch_env import discover
 from megalm.training import checkpoint as ckpt
@@ -185,6 +185,7 @@ def train_step(rt: Runtime, batches: Iterator, watchdog: StepWatchdog | None = N
         phase("the pipeline schedule")
         timed = _TimedIterator(batches)
         loss = engine.ds.train_batch(data_iter=timed)
+        _after_step(rt, phase)
         return float(loss), timed.wait, timed.wait
     losses, wait, forward = [], 0.0, 0.0
     for _ in range(rt.cfg.train.grad_accum_steps):
@@ -201,10 +202,18 @@ def train_step(rt: Runtime, batches: Iterator, watchdog: StepWatchdog | None = N
         phase("the optimizer step")
         engine.ds.step()
         losses.append(loss.detach().float())
+    _after_step(rt, phase)
     phase("the loss all-reduce")
     mean = torch.stack(losses).mean()
     dist.all_reduce(mean, group=rt.groups.data)  # every tensor and context rank already holds the same loss
     return mean.item() / rt.dims.data, wait, wait + forward
+
+
+def _after_step(rt: Runtime, phase: Callable[[str], None]) -> None:
+    """What follows the optimizer step: the MoE expert bias moves (model.moe_bias_update_rate)."""
+    if rt.cfg.model.moe_bias_update_rate > 0:
+        phase("the expert-bias update")
+        update_expert_bias(rt.engine.ds.module, rt.groups.data)
 
 
 def model_loss(rt: Runtime, inputs: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:

@@ -234,3 +234,26 @@ def test_capacity_drops_the_lowest_weights_past_each_experts_capacity_and_counts
     moe.eval()  # evaluation is dropless
     with torch.no_grad():
         torch.testing.assert_close(moe(x), reference(moe, x), rtol=1e-5, atol=1e-6)
+
+
+def test_the_expert_bias_chooses_experts_without_weighting_them_and_moves_against_the_load():
+    from megalm.model.moe import update_expert_bias
+
+    moe = layer(small(moe_bias_update_rate=0.5, family="none"))
+    moe.train()
+    x = torch.randn(2, 6, 32)
+    logits, chosen, weights = moe.route(x.reshape(-1, 32))
+    scores = logits.softmax(-1)
+    moe.expert_bias_steps[3] = 100  # + 50 on expert 3's score: every token picks it
+    _, biased, biased_w = moe.route(x.reshape(-1, 32))
+    assert (biased == 3).any(-1).all() and not (chosen == 3).any(-1).all()
+    top = scores.gather(-1, biased)  # the weights are the unbiased scores, renormalised
+    torch.testing.assert_close(biased_w, top / top.sum(-1, keepdim=True))
+    moe.expert_bias_steps.zero_()
+    moe(x).sum().backward()
+    counts = moe.step_counts.clone()
+    assert counts.sum() == 2 * 12
+    update_expert_bias(moe, None)
+    expected = torch.sign(counts.double().mean() - counts.double()).long()
+    assert torch.equal(moe.expert_bias_steps, expected) and moe.step_counts.sum() == 0
+    assert "expert_bias_steps" in moe.state_dict() and "step_counts" not in moe.state_dict()

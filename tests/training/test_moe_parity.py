@@ -71,3 +71,31 @@ def test_moe_metrics_are_logged_per_layer(byte_shards):
             assert r[f"moe/{block}/z_loss"] > 0
             assert 0 <= r[f"moe/{block}/dropped"] < 0.5  # capacity 1.0: only what the busiest experts overflow
         assert "moe/0/load_max" not in r
+
+
+def test_the_expert_bias_is_exact_at_every_layout_and_resumes(byte_shards, tmp_path):
+    # DeepSeek-V3's auxiliary-loss-free bias (model.moe_bias_update_rate), counts over every rank that
+    # saw the batch; a large rate so that it changes the routing within ten steps
+    bias = base(byte_shards, "model.moe_aux_loss_coeff=0", "model.moe_z_loss_coeff=0", "model.family=none",
+                "model.moe_bias_update_rate=0.05")
+    reference = run_layout(REFERENCE, MOE_TINY, bias)
+    plain = run_layout(REFERENCE, MOE_TINY, [*bias, "model.moe_bias_update_rate=0"])
+    assert max_relative_difference(plain, reference) > 1e-4  # the bias changes the training
+    for layout in (Layout(tensor=2, sequence_parallel=True), Layout(pipeline=2), Layout(data=2, zero=1),
+                   Layout(context=2)):
+        assert max_relative_difference(run_layout(layout, MOE_TINY, bias), reference) <= FP32_RTOL, layout
+    # stopped at step 5 and resumed at DP2: the bias comes back with the model (steps 6-10 as uninterrupted)
+    constant = [*bias, "schedule.kind=constant"]  # the same rates whether the run is planned for 5 or 10 steps
+    run = [*constant, f"train.run_dir={tmp_path}", "logging.console=false", "logging.tensorboard=false",
+           "train.eval_interval=0", "checkpoint.interval=5"]
+    from megalm.testing.distributed import run_distributed_test
+    from megalm.testing.parity import train_rank
+
+    run_distributed_test(train_rank, 2, args=(MOE_TINY, [*run, "train.steps=5", "checkpoint.save_at_end=true"]),
+                         env={"DS_ACCELERATOR": "cpu"})
+    run_distributed_test(train_rank, 2, args=(MOE_TINY, [*run, "checkpoint.load=auto"]), env={"DS_ACCELERATOR": "cpu"})
+    from megalm.testing.runs import step_losses
+
+    resumed = step_losses(tmp_path)
+    whole = run_layout(Layout(data=2, zero=1), MOE_TINY, constant)
+    assert max(abs(resumed[s] - whole[s - 1]) / whole[s - 1] for s in range(6, 11)) <= FP32_RTOL
