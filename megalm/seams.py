@@ -10,6 +10,13 @@ DeepSpeed
     record_fp32_grad_norm(engine)        ZeRO-0 fp32 clips in `clip_fp32_gradients` and drops the norm:
                                          keep it in `_global_grad_norm` for get_global_grad_norm()
     skip_gradient_allreduce(engine)      `enable_backward_allreduce = False` (one data rank, ZeRO-0)
+    register_expert_groups(name, ..)     megalm's expert and expert-data groups as DeepSpeed's named
+                                         ones (deepspeed.utils.groups), which its engine and ZeRO use
+    deepspeed_sees_experts(cls)          while deepspeed.initialize runs, its engine counts modules of
+                                         `cls` as MoE layers (it knows only deepspeed.moe.layer.MoE):
+                                         expert gradients reduced over the expert-data group
+    dense_checkpoint_files(engine)       save/load its checkpoint files as for a dense model (its MoE
+                                         files assume its own module names); megalm writes the experts
     set_progress(engine, step, samples)  `global_steps` / `global_samples`, saved in its checkpoint
     checkpoint_writes(engine, save)      route its checkpoint file writes through `save` (async saves)
     collect_write_errors(engine)         record a failed write of its checkpoint engine instead of
@@ -25,6 +32,8 @@ DeepSpeed
                                          ZeRO-1/2's fragments; set_full_state(engine, param, values):
                                          a parameter's master and moments at any ZeRO stage
     zero0_optimizer_state(model_states)  the optimizer state a ZeRO-0 model-states file holds
+    zero0_full_state(engine, param)      a parameter's fp32 master and moments at ZeRO-0 (the inverse
+                                         of set_full_state)
     ZeroPartitions.open(ckpt, mp)        the fp32 masters and Adam moments of one model-parallel rank
                                          in DeepSpeed's flat ZeRO 1-3 partitions (zero_to_fp32's layout),
                                          read one parameter at a time (its own reader merges whole
@@ -74,20 +83,92 @@ def skip_op_build(name: str) -> None:
 
 def record_fp32_grad_norm(engine: Any) -> None:
     """DeepSpeed's plain fp32 path (ZeRO-0) clips in `clip_fp32_gradients` but throws the norm
-    away: clip the same way (its clip_grad_norm_, over the mpu) and keep the norm for logging."""
+    away: clip the same way (its clip_grad_norm_, over the mpu) and keep the norm for logging. With
+    expert-parallel parameters its clip_grad_norm_ averages the ranks' norms (each rank holds other
+    experts): their squares are summed over the expert group instead."""
     from deepspeed.runtime.utils import clip_grad_norm_  # noqa: PLC0415 - heavy
+    from deepspeed.utils import groups  # noqa: PLC0415 - heavy
 
     def clip_and_record() -> None:
-        norm = clip_grad_norm_(engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        experts = [p for p in params if getattr(p, "allreduce", True) is False]
+        if not experts:
+            norm = clip_grad_norm_(params, max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+        else:
+            norm = _norm_with_experts(params, engine.mpu, groups._get_expert_parallel_group(experts[0].group_name))
+            coef = min(1.0, engine.gradient_clipping() / (norm + 1e-6)) if engine.gradient_clipping() > 0 else 1.0
+            for p in params:
+                p.grad.mul_(coef)
         engine._global_grad_norm = float(norm)
 
     engine.clip_fp32_gradients = clip_and_record
+
+
+def _norm_with_experts(params: list[torch.Tensor], mpu: Any, expert_group: Any) -> float:
+    """The L2 norm of every gradient of the model, each counted once: replicated tensors on the first
+    model-parallel rank, shards on each, experts summed over the expert group as well."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    dense, experts = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    first = mpu.get_model_parallel_rank() == 0
+    for p in params:
+        square = p.grad.detach().double().square().sum().cpu()
+        if getattr(p, "allreduce", True) is False:
+            experts += square
+        elif first or getattr(p, "tensor_model_parallel", False):
+            dense += square
+    dist.all_reduce(experts, group=expert_group)
+    total = dense + experts
+    dist.all_reduce(total, group=mpu.get_model_parallel_group())
+    return math.sqrt(total.item())
 
 
 def skip_gradient_allreduce(engine: Any) -> None:
     """With one data-parallel rank at ZeRO-0 DeepSpeed would still flatten, 'reduce' over one rank
     and copy back every gradient after each backward."""
     engine.enable_backward_allreduce = False
+
+
+def register_expert_groups(name: str, expert: Any, expert_data: Any) -> None:
+    """Make this rank's expert group and expert-data group DeepSpeed's groups called `name`
+    (deepspeed.utils.groups: the engine and ZeRO look expert parameters' groups up by their
+    `group_name`), instead of the ones its MoE layer would create with its own rank order."""
+    import torch.distributed as dist  # noqa: PLC0415
+    from deepspeed.utils import groups  # noqa: PLC0415 - heavy
+
+    groups._EXPERT_PARALLEL_GROUP[name] = expert
+    groups._EXPERT_DATA_PARALLEL_GROUP[name] = expert_data
+    groups._EXPERT_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(expert)
+    groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(expert_data)
+
+
+@contextlib.contextmanager
+def deepspeed_sees_experts(cls: type) -> Iterator[None]:
+    """While the context lasts DeepSpeed's engine takes modules of `cls` for MoE layers (it tests
+    isinstance(module, deepspeed.moe.layer.MoE) when it is built): `has_moe_layers`, so its
+    gradient reduction and ZeRO treat parameters marked allreduce=False by their expert groups."""
+    from deepspeed.runtime import engine  # noqa: PLC0415 - heavy
+
+    original = engine.MoE
+    engine.MoE = (original, cls)
+    try:
+        yield
+    finally:
+        engine.MoE = original
+
+
+@contextlib.contextmanager
+def dense_checkpoint_files(engine: Any) -> Iterator[None]:
+    """While saving or loading: DeepSpeed writes and reads its files as for a dense model (its MoE
+    path names experts by its own module layout, deepspeed_moe.experts.deepspeed_experts.N). The
+    data-parallel writer's model file then holds its own experts; megalm saves every expert rank's
+    (megalm.training.checkpoint.save_experts). ZeRO's files hold each rank's partitions either way."""
+    moe = engine.has_moe_layers
+    engine.has_moe_layers = False
+    try:
+        yield
+    finally:
+        engine.has_moe_layers = moe
 
 
 def partition_zero3_over(model: nn.Module, group: Any, ds_config: dict, mpu: Any, dtype: torch.dtype) -> None:
@@ -222,17 +303,31 @@ def set_full_state(engine: Any, param: torch.nn.Parameter, values: dict[str, tor
             value = value.to(torch.float32)
             safe_set_full_fp32_param(param, value) if key == "fp32" else safe_set_full_optimizer_state(param, value, key)
         return
-    opt, inner = engine.optimizer, _inner_optimizer(engine)
-    master = param
-    if hasattr(opt, "fp16_groups") and hasattr(opt, "fp32_groups"):  # ZeRO-0 bf16/fp16: a fp32 copy per param
-        master = next(m for lps, ms in zip(opt.fp16_groups, opt.fp32_groups, strict=True)
-                      for lp, m in zip(lps, ms, strict=True) if lp is param)
-    elif opt is not inner:
-        raise RuntimeError(f"{type(opt).__name__}: megalm cannot set its optimizer state")
+    inner, master = _inner_optimizer(engine), _zero0_master(engine, param)
     with torch.no_grad():
         for key, value in values.items():
             target = master if key == "fp32" else inner.state[master][key]
             target.copy_(value.to(target.dtype).view_as(target))
+
+
+def _zero0_master(engine: Any, param: torch.nn.Parameter) -> torch.Tensor:
+    """The tensor ZeRO-0's optimizer updates for `param`: itself (fp32), or its fp32 copy (bf16/fp16)."""
+    opt, inner = engine.optimizer, _inner_optimizer(engine)
+    if hasattr(opt, "fp16_groups") and hasattr(opt, "fp32_groups"):  # ZeRO-0 bf16/fp16: a fp32 copy per param
+        return next(m for lps, ms in zip(opt.fp16_groups, opt.fp32_groups, strict=True)
+                    for lp, m in zip(lps, ms, strict=True) if lp is param)
+    if opt is not inner:
+        raise RuntimeError(f"{type(opt).__name__}: megalm cannot reach its optimizer state")
+    return param
+
+
+def zero0_full_state(engine: Any, param: torch.nn.Parameter) -> dict[str, torch.Tensor]:
+    """At ZeRO-0: `param`'s fp32 master and Adam moments (copies), as set_full_state takes them."""
+    master = _zero0_master(engine, param)
+    state = _inner_optimizer(engine).state.get(master, {})
+    out = {"fp32": master.detach().float().clone()}
+    out.update({k: state[k].detach().clone() for k in ("exp_avg", "exp_avg_sq") if k in state})
+    return out
 
 
 def load_deepspeed_file(path: Path) -> Any:

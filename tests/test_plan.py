@@ -127,6 +127,24 @@ def test_model_state_bytes_match_deepspeed(world_size: int):
                 assert got[key] == pytest.approx(planned, rel=1e-3), (overrides, key, got, planned)
 
 
+def test_expert_parallel_model_states_match_deepspeed():
+    # moe-tiny at EP2 over data 2: the routed experts are halved per rank and ZeRO partitions their
+    # states over the ranks holding the same experts (here one), the dense ones over both
+    moe = str(ROOT / "configs" / "moe-tiny.yaml")
+    cases = [[*BASE, f"zero.stage={z}", "train.precision=fp32", "parallel.expert=2", "model.family=none",
+              "train.global_batch_size=8"] for z in (0, 1)]  # as above: measure_rank reads ZeRO 0 and 1
+    measured = run_distributed_test(measure_cases, 2, args=(moe, cases), timeout=600, env={"DS_ACCELERATOR": "cpu"})
+    for i, overrides in enumerate(cases):
+        plan = make_plan(load_config(moe, overrides), 2)
+        assert plan.rank_expert_parameters * 2 == make_plan(load_config(moe, [*overrides, "parallel.expert=1"]), 2
+                                                            ).rank_expert_parameters
+        assert plan.all_to_all_bytes > 0
+        zero = plan.zero[plan.zero_stage]
+        for rank_values in measured:
+            for key in ("params", "grads", "optimizer"):
+                assert rank_values[i][key] == pytest.approx(getattr(zero, key), rel=1e-3), (overrides, key, rank_values[i])
+
+
 def _saved_bytes_per_token(arch: str, precision: str, checkpointing: bool, context: bool = False) -> tuple[float, object]:
     """Bytes autograd saves for backward in one real Block's forward, per token of this rank
     (parameters excluded); `context`: the block of a context-parallel rank (all ranks call it)."""

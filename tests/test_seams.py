@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from megalm import seams
 from megalm.config import load_config
 from megalm.testing.distributed import run_distributed_test
-from megalm.testing.runs import TINY
+from megalm.testing.runs import REPO, TINY
 
 transformers = pytest.importorskip("transformers")
 
@@ -289,3 +289,65 @@ def _group_timeout() -> float:
 
 def test_default_group_timeout_reaches_a_new_group():
     assert run_distributed_test(_group_timeout, 1, env={"DS_ACCELERATOR": "cpu"})[0] == 77.0
+
+
+# ----------------------------------------------------------------------------- DeepSpeed, expert parallelism
+
+
+def _expert_seams(run_dir: str) -> dict:
+    """Two ranks at parallel.expert=2, ZeRO-0 fp32: the engine counts megalm's MoE layers as MoE
+    (deepspeed_sees_experts) with megalm's groups (register_expert_groups); the clipping norm sums the
+    experts over the expert ranks; checkpoint files are a dense model's while dense_checkpoint_files lasts;
+    zero0_full_state reads what set_full_state writes."""
+    import torch.distributed as dist
+
+    from megalm.training.startup import bootstrap
+
+    moe = str(REPO / "configs" / "moe-tiny.yaml")
+    cfg = load_config(moe, ["zero.stage=0", "train.precision=fp32", "parallel.expert=2", "model.family=none",
+                            "train.micro_batch_size=2", "train.global_batch_size=4", f"train.run_dir={run_dir}"])
+    rt = bootstrap(cfg)
+    ds = rt.engine.ds
+    tokens = torch.randint(0, 257, (2, 65), generator=torch.Generator().manual_seed(dist.get_rank()))
+    ds.backward(ds(tokens[:, :-1], tokens[:, 1:]))
+    ds.allreduce_gradients()
+    experts = [p for p in ds.module.parameters() if getattr(p, "allreduce", True) is False]
+    dense = [p for p in ds.module.parameters() if getattr(p, "allreduce", True) is not False]
+    squares = torch.stack([p.grad.double().square().sum() for p in experts]).sum()
+    dist.all_reduce(squares)  # each rank holds other experts
+    norm = (squares + torch.stack([p.grad.double().square().sum() for p in dense]).sum()).sqrt().item()
+    ds.gradient_clipping = lambda: 1e9  # measure the norm, do not clip
+    ds.clip_fp32_gradients()
+    ds.optimizer.step()
+    state = seams.zero0_full_state(ds, experts[0])
+    seams.set_full_state(ds, experts[0], {k: v + 1 for k, v in state.items()})
+    again = seams.zero0_full_state(ds, experts[0])
+    with seams.dense_checkpoint_files(ds):
+        during = ds.has_moe_layers
+        ds.save_checkpoint(run_dir, tag="t", save_latest=False)
+    dist.barrier()
+    from deepspeed.utils import groups
+
+    return {"has_moe": ds.has_moe_layers, "during": during, "files": sorted(p.name for p in (Path(run_dir) / "t").iterdir()),
+            "edp_ranks": groups._get_expert_data_parallel_group_ranks("ep_size_2"),
+            "ep_ranks": groups._get_expert_parallel_group_ranks("ep_size_2"),
+            "recorded": ds.get_global_grad_norm(), "norm": norm, "expert_shape": tuple(experts[0].shape),
+            "round_trip": all(torch.equal(again[k], state[k] + 1) for k in state), "keys": sorted(state)}
+
+
+def test_expert_parallel_seams_on_a_real_engine(tmp_path):
+    ranks = run_distributed_test(_expert_seams, 2, args=(str(tmp_path),), env={"DS_ACCELERATOR": "cpu"})
+    for r in ranks:
+        assert r["has_moe"] and not r["during"]  # counted as MoE; dense files while saving
+        assert r["ep_ranks"] == [0, 1] and r["edp_ranks"] in ([0], [1])  # megalm's groups under DeepSpeed's name
+        assert r["expert_shape"][0] == 4  # 4 of moe-tiny's 8 experts per rank
+        assert r["recorded"] == pytest.approx(r["norm"], rel=1e-6)  # experts' squares summed over the ranks
+        assert r["round_trip"] and r["keys"] == ["exp_avg", "exp_avg_sq", "fp32"]
+    assert ranks[0]["files"] == ["mp_rank_00_model_states.pt"]  # no DeepSpeed per-expert files
+    import inspect
+
+    from deepspeed.runtime import engine
+
+    # the check deepspeed_sees_experts widens, and the checks dense_checkpoint_files turns off
+    assert "isinstance(module, MoE)" in inspect.getsource(engine.DeepSpeedEngine._configure_distributed_model)
+    assert "if self.has_moe_layers:" in inspect.getsource(engine.DeepSpeedEngine.save_checkpoint)

@@ -27,7 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "fit in a third of this machine's memory, else 2)")
     t.add_argument("--module-weights", action="store_true",
                    help="export the module weights even when fp32 master weights exist")
-    f = sub.add_parser("from-hf", help="Hugging Face model directory (llama, gpt2, qwen2, qwen3, mistral) -> megalm run directory at step 0")
+    f = sub.add_parser("from-hf", help="Hugging Face model directory (llama, gpt2, qwen2, qwen3, mistral, mixtral, qwen2_moe, qwen3_moe) -> megalm run directory at step 0")
     f.add_argument("--hf", required=True, help="HF model directory")
     _layout_args(f)
     f.add_argument("--config", help="YAML whose non-model sections the run uses (default: megalm's defaults)")

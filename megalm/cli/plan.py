@@ -14,22 +14,26 @@ def format_plan(plan: Plan, name: str) -> str:
     """The human-readable table: layout, parameters, memory per rank per ZeRO stage, FLOPs, time."""
     sp = " (sequence parallel)" if plan.sequence_parallel else ""
     cp = f" x CP{plan.context}" if plan.context > 1 else ""
+    ep = f" (EP{plan.expert} of DP x CP)" if plan.expert > 1 else ""
     docs = ", attention per document" if plan.document_mask else ""
     lines = [
-        f"{name} on {plan.world_size} GPUs: TP{plan.tensor}{sp}{cp} x PP{plan.pipeline} x DP{plan.data}{docs}, "
+        f"{name} on {plan.world_size} GPUs: TP{plan.tensor}{sp}{cp} x PP{plan.pipeline} x DP{plan.data}{ep}{docs}, "
         f"ZeRO-{plan.zero_stage}{' (zero.stage 1/2 on one data-parallel rank)' if plan.zero_stage != plan.configured_zero_stage else ''}, "
         f"{plan.precision}, activation checkpointing "
         f"{'on' if plan.activation_checkpointing else 'off'}",
         f"batch: micro {plan.micro_batch_size} x accumulation {plan.grad_accum_steps} x DP {plan.data} = "
         f"{plan.global_batch_size} sequences of {plan.seq_len} = {plan.tokens_per_step:,} tokens/step",
         f"parameters: {plan.parameters:,} ({plan.parameters / 1e9:.3f}B); on one rank of pipeline stage "
-        f"{plan.stage} ({plan.stage_blocks} blocks, padded vocabulary): {plan.rank_parameters:,}",
+        f"{plan.stage} ({plan.stage_blocks} blocks, padded vocabulary): {plan.rank_parameters:,}"
+        + (f", of which routed experts {plan.rank_expert_parameters:,}" if plan.rank_expert_parameters else ""),
+        *([f"expert all-to-all: {plan.all_to_all_bytes / GIB:.2f} GiB sent per rank per step (forward and backward)"]
+          if plan.all_to_all_bytes else []),
         "",
         "memory per rank, GiB   params    grads  optimizer  activations     total",
     ]
     for s in plan.zero:
         mark = " <- this run" if s.stage == plan.zero_stage else ""
-        mark += "" if s.allowed else " (not with pipeline > 1)"
+        mark += "" if s.allowed else (" (not with pipeline > 1)" if plan.pipeline > 1 else " (not with parallel.expert > 1)")
         opt = f"{s.optimizer / GIB:9.2f}" + ("*" if plan.offload_optimizer else " ")
         lines.append(f"  ZeRO-{s.stage}              {s.params / GIB:8.2f} {s.grads / GIB:8.2f} {opt}"
                      f"  {plan.activations / GIB:11.2f} {plan.rank_bytes(s.stage) / GIB:9.2f}{mark}")

@@ -193,6 +193,11 @@ class ParallelConfig:
     """Context-parallel size C: every sequence is split into C contiguous chunks, one per rank,
     from the data loader on; attention all-to-alls the chunks into whole sequences of 1/C of the
     heads (DeepSpeed Ulysses). num_heads and num_kv_heads must divide by tensor x context."""
+    expert: int = 1
+    """Expert-parallel size E for mixtures of experts: each MoE layer's experts split over E ranks
+    carved from data x context (E divides both model.moe_num_experts and data x context); tokens
+    move to their experts' ranks by all-to-all; expert gradients are reduced, and ZeRO partitions
+    expert states, over the (data x context) / E ranks holding the same experts. ZeRO 0-2."""
     sequence_parallel: bool = False
     """Shard norms and dropout along the sequence across the tensor axis (needs tensor > 1 to matter)."""
     pipeline_partition: str = "parameters"

@@ -97,6 +97,12 @@ def check_family(m: ModelConfig) -> None:
 
 def _validate_parallel(cfg: Config, world_size: int) -> None:
     p, m = cfg.parallel, cfg.model
+    if p.expert > 1:
+        _check(m.moe_num_experts > 0, f"parallel.expert={p.expert} needs a mixture of experts (model.moe_num_experts > 0)")
+        _check(m.moe_num_experts % p.expert == 0, f"model.moe_num_experts ({m.moe_num_experts}) must divide by "
+                                                  f"parallel.expert ({p.expert}): each rank holds the same number of experts")
+        _check(cfg.zero.stage <= 2, f"parallel.expert={p.expert} with zero.stage=3 is not supported: DeepSpeed's "
+                                    "ZeRO-3 does not partition megalm's experts over their own ranks; use zero.stage 0, 1 or 2")
     ParallelDims.from_config(p, world_size)
     t, c = p.tensor, p.context
     heads_by = f"parallel.tensor ({t})" if c == 1 else f"parallel.tensor x parallel.context ({t} x {c} = {t * c})"

@@ -192,6 +192,10 @@ class CheckpointReader:
 
     def __init__(self, ckpt: MegalmCheckpoint, prefer_master: bool = True) -> None:
         self.ckpt, self.model = ckpt, ckpt.config.model
+        if ckpt.meta.dims.expert > 1:  # each expert rank's experts are in its own file: refused rather than half-read
+            raise MegalmError(f"{ckpt.path} was trained with parallel.expert={ckpt.meta.dims.expert}: the converters "
+                              "(reshard, universal, to-hf) do not read expert-parallel checkpoints yet; resume it "
+                              "at its own parallel.expert")
         if self.model.moe_bias_update_rate > 0:  # a buffer, not a parameter: refused rather than lost
             raise MegalmError(f"{ckpt.path}: its MoE expert bias (model.moe_bias_update_rate) is not carried by the "
                               "converters yet (reshard, universal, to-hf); resume it at its own layout")

@@ -19,6 +19,16 @@ as a norm's); the tokens, their choices and their combine weights then enter the
 together (copied, or all-gathered from the sequence shards), so no token is counted twice and the
 partial expert outputs are summed (all-reduce, or reduce-scatter back to the shards).
 
+Expert parallelism (parallel.expert = P > 1): each rank holds E / P whole experts (still split
+over the tensor ranks as above). After the (token, choice) pairs are sorted by expert, the counts
+per expert are exchanged over the expert group, the pairs travel to their experts' ranks by one
+variable-split all-to-all (autograd: the gradients come back by the reverse one), are regrouped by
+local expert, multiplied, and return the same way; the tokens' own rank weights and sums them as
+without expert parallelism. Every tensor rank exchanges its own slice's pairs with the same tensor
+rank of the other expert ranks, so no token is counted twice. The expert weights are marked for
+DeepSpeed (allreduce=False, group_name="ep_size_P"): their gradients are summed over the ranks
+holding the same experts only, and ZeRO partitions their states over those ranks.
+
 Auxiliary losses never change the forward value: `_AttachAuxLoss` passes the hidden states through
 and, in the backward pass, gives the auxiliary loss the gradient `aux_loss_scale` (set by the
 trainer to what DeepSpeed gives the language-model loss: 1 / gradient accumulation steps), so they
@@ -44,6 +54,7 @@ from megalm.parallel.context import TensorParallel
 from megalm.parallel.layers import mark_replicated_param, mark_sharded, sequence_parallel_param, shard_tensor
 from megalm.parallel.mappings import (
     copy_to_tensor_region,
+    exchange_rows,
     gather_from_sequence_region,
     group_size,
     reduce_from_tensor_region,
@@ -66,6 +77,11 @@ def _aligned(*tensors: torch.Tensor) -> bool:
     return all(t.stride(i) * t.element_size() % 16 == 0 for t in tensors for i in range(t.dim() - 1))
 
 
+def expert_group_name(size: int) -> str:
+    """DeepSpeed's name for the expert groups of size `size` (deepspeed.utils.groups)."""
+    return f"ep_size_{size}"
+
+
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Rows of x sorted by group (counts[e] rows for group e) times weight[e]^T: (N, in) x (E, out, in)
     -> (N, out). torch._grouped_mm where it exists for this device, dtype and alignment, else a
@@ -81,7 +97,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, 
         if n:
             pieces.append(x[start:start + n] @ w[e])
             start += n
-    return torch.cat(pieces) if pieces else x.new_zeros((0, weight.size(1)))
+    return torch.cat(pieces) if pieces else x[:0] @ w[0]  # no rows: the weight still gets its (zero) gradient
 
 
 def _count(experts: torch.Tensor, n: int) -> torch.Tensor:
@@ -120,7 +136,9 @@ def _sum_over(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
 
 class GroupedExperts(nn.Module):
     """E SwiGLU experts: w1 = [gate; up] (E, 2I / p, H) split by columns with stride 2 over the tensor
-    ranks, w2 (E, H, I / p) by rows. Names and layout are transformers 5.x's fused experts."""
+    ranks, w2 (E, H, I / p) by rows. Names and layout are transformers 5.x's fused experts. Under
+    expert parallelism P this rank holds experts [r E / P, (r + 1) E / P) of the same tensors
+    (initialised whole, so every layout starts from the same model)."""
 
     def __init__(self, cfg: ModelConfig, tp: TensorParallel, generator: torch.Generator) -> None:
         super().__init__()
@@ -130,10 +148,15 @@ class GroupedExperts(nn.Module):
         normal_init(cfg.init_std, generator)(w1)
         w2 = torch.empty(e, h, i)
         normal_init(cfg.init_std / math.sqrt(2 * cfg.num_layers), generator)(w2)
+        ep, er = tp.expert_size, tp.expert_rank
+        w1, w2 = shard_tensor(w1, 0, er, ep), shard_tensor(w2, 0, er, ep)
         self.w1 = nn.Parameter(shard_tensor(w1, 1, r, p, stride=2))
         self.w2 = nn.Parameter(shard_tensor(w2, 2, r, p))
         mark_sharded(self.w1, 1, 2)
         mark_sharded(self.w2, 2, 1)
+        if ep > 1:  # DeepSpeed's marks of an expert parameter (deepspeed.moe.utils.is_moe_param)
+            for w in (self.w1, self.w2):
+                w.allreduce, w.group_name = False, expert_group_name(ep)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (N, H) sorted by expert, counts (E,) -> (N, H) partial over the tensor ranks."""
@@ -277,12 +300,31 @@ class MoE(nn.Module):
             order = torch.argsort(flat, stable=True)  # (token, choice) pairs grouped by expert
             counts = _count(flat, self.num_experts)
         source = order // k
-        y = self.experts(tokens[source], counts) * weights.reshape(-1)[order].unsqueeze(-1)
+        if self.tp.expert is None:
+            y = self.experts(tokens[source], counts)
+        else:
+            y = self._on_expert_ranks(tokens[source], counts)
+        y = y * weights.reshape(-1)[order].unsqueeze(-1)
         out = torch.zeros_like(tokens).index_add(0, source, y.to(tokens.dtype)).view(b, s, h)
         if sp:
             return reduce_scatter_to_sequence_region(out, group)
         return reduce_from_tensor_region(out, group)
 
+    def _on_expert_ranks(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Expert parallelism: x (N, H) sorted by expert, counts (E,) -> the experts' outputs (N, H)
+        in the same order, computed on the ranks that hold the experts."""
+        group, ranks = self.tp.expert, self.tp.expert_size
+        local = self.num_experts // ranks
+        sent = counts.view(ranks, local).contiguous()  # pairs for each rank's experts
+        received = torch.empty_like(sent)  # received[s, e]: pairs from rank s for local expert e
+        dist.all_to_all_single(received, sent, group=group)
+        send, recv = sent.sum(1).tolist(), received.sum(1).tolist()
+        x = exchange_rows(x, recv, send, group)  # by source rank, then local expert
+        expert_of_row = torch.arange(local, device=x.device).repeat(ranks).repeat_interleave(received.reshape(-1))
+        by_expert = torch.argsort(expert_of_row, stable=True)
+        y = self.experts(x[by_expert], received.sum(0))
+        y = y[torch.argsort(by_expert)]  # back to arrival order
+        return exchange_rows(y, send, recv, group)
 
     def _within_capacity(self, flat: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The (token, choice) pairs each expert keeps, grouped by expert, and the kept counts: an expert

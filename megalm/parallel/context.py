@@ -34,6 +34,8 @@ class TensorParallel:
                        by every module of the model, so activation recomputation can replay it
     context:           the context-parallel group (each rank holds 1/size of every sequence);
                        None without context parallelism
+    expert:            the expert-parallel group (each rank holds 1/size of every MoE layer's
+                       experts; tokens are exchanged over it); None without expert parallelism
     """
 
     group: dist.ProcessGroup | None
@@ -41,25 +43,24 @@ class TensorParallel:
     seed: int
     rng: TensorParallelRNG
     context: dist.ProcessGroup | None = None
+    expert: dist.ProcessGroup | None = None
 
     @classmethod
     def build(
         cls, group: dist.ProcessGroup | None = None, *, sequence_parallel: bool = False, seed: int = 1234,
-        context: dist.ProcessGroup | None = None,
+        context: dist.ProcessGroup | None = None, expert: dist.ProcessGroup | None = None,
     ) -> TensorParallel:
         """The context of `group` (None, or a group of one rank: no tensor parallelism) and of the
-        context group `context` (likewise)."""
-        if group_size(group) == 1:
-            group = None
-        if group_size(context) == 1:
-            context = None
+        context and expert groups (likewise)."""
+        group, context, expert = (g if group_size(g) > 1 else None for g in (group, context, expert))
         rng = TensorParallelRNG(seed, group_rank(group))
-        return cls(group, sequence_parallel and group is not None, seed, rng, context)
+        return cls(group, sequence_parallel and group is not None, seed, rng, context, expert)
 
     @classmethod
     def from_groups(cls, groups: ProcessGroups, *, sequence_parallel: bool, seed: int) -> TensorParallel:
         """The context of this rank's tensor and context groups in the run's mesh."""
-        return cls.build(groups.tensor, sequence_parallel=sequence_parallel, seed=seed, context=groups.context)
+        return cls.build(groups.tensor, sequence_parallel=sequence_parallel, seed=seed, context=groups.context,
+                         expert=groups.expert)
 
     @property
     def size(self) -> int:
@@ -76,6 +77,14 @@ class TensorParallel:
     @property
     def context_rank(self) -> int:
         return group_rank(self.context)
+
+    @property
+    def expert_size(self) -> int:
+        return group_size(self.expert)
+
+    @property
+    def expert_rank(self) -> int:
+        return group_rank(self.expert)
 
     @property
     def sequence_rng(self) -> TensorParallelRNG | None:

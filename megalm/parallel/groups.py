@@ -37,6 +37,10 @@ class ProcessGroups:
     """The ranks that hold the chunks of the same sequences."""
     data_context: dist.ProcessGroup
     """data x context: the ranks with the same parameters (gradient reduction, ZeRO partitions)."""
+    expert: dist.ProcessGroup | None = None
+    """The ranks holding different experts of the same MoE layers (None: parallel.expert = 1)."""
+    expert_data: dist.ProcessGroup | None = None
+    """The ranks holding the same experts (None: parallel.expert = 1, where it is data x context)."""
 
     @property
     def tensor_rank(self) -> int:
@@ -54,6 +58,10 @@ class ProcessGroups:
     def data_context_rank(self) -> int:
         """Rank inside the data x context group (context-major within a data replica)."""
         return self.data_rank * self.dims.context + self.context_rank
+
+    @property
+    def expert_rank(self) -> int:
+        return self.dims.expert_rank(self.rank)
 
     @property
     def pipeline_rank(self) -> int:
@@ -153,6 +161,9 @@ def build_process_groups(dims: ParallelDims) -> ProcessGroups:
         assert found is not None, (rank, all_groups)
         return found
 
+    experts = {}
+    if dims.expert > 1:
+        experts = {"expert": mine(dims.expert_groups()), "expert_data": mine(dims.expert_data_groups())}
     return ProcessGroups(
         dims=dims,
         rank=rank,
@@ -162,6 +173,7 @@ def build_process_groups(dims: ParallelDims) -> ProcessGroups:
         model=mine(dims.model_groups()),
         context=mine(dims.context_groups()),
         data_context=mine(dims.data_context_groups()),
+        **experts,
     )
 
 

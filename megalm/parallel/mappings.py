@@ -220,3 +220,28 @@ def reduce_scatter_to_sequence_region(
     """forward: reduce-scatter the sequence dim, backward: all-gather the sequence dim. After a
     row-parallel matmul under sequence parallelism: Y_shard = (sum_i X_i A_i)[seq chunk rank]."""
     return x if group_size(group) == 1 else _ReduceScatterToSequenceRegion.apply(x, group)
+
+
+def _exchange_rows(x: torch.Tensor, recv: list[int], send: list[int], group: dist.ProcessGroup) -> torch.Tensor:
+    out = x.new_empty((sum(recv), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group)
+    return out
+
+
+class _ExchangeRows(torch.autograd.Function):
+    """forward: variable-split all-to-all of rows; backward: the reverse all-to-all."""
+
+    @staticmethod
+    def forward(ctx, x, recv, send, group):  # noqa: D102
+        ctx.recv, ctx.send, ctx.group = recv, send, group
+        return _exchange_rows(x, recv, send, group)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        return _exchange_rows(grad, ctx.send, ctx.recv, ctx.group), None, None, None
+
+
+def exchange_rows(x: torch.Tensor, recv: list[int], send: list[int], group: dist.ProcessGroup) -> torch.Tensor:
+    """Rows x[sum(send[:j]) : sum(send[:j+1])] go to rank j of `group`; recv[j] rows arrive from
+    rank j, in rank order (expert parallelism's token dispatch). Backward: the reverse exchange."""
+    return _ExchangeRows.apply(x, recv, send, group)

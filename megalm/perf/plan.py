@@ -27,6 +27,12 @@ shared by the blocks:
 on GPU FlexAttention's BlockMask, (s/128)^2 int32 tile indices twice (partial and full tiles)
 plus the document ids (`document_mask_bytes`); on CPU (SDPA) a boolean s x s mask per sample.
 
+Expert parallelism (E = parallel.expert) splits each MoE block's routed experts over E ranks of
+data x context: a rank holds 1/(t E) of them, and ZeRO partitions their states over the
+(N x C) / E ranks holding the same experts, so they appear in the table with their own divisor.
+Each MoE block sends every token's k copies to their experts' ranks and takes them back, in the
+forward and again in the backward (`all_to_all_bytes`).
+
 Activations are counted for megalm's layers as written (SDPA, i.e. flash attention on GPU, so
 Megatron's 5 a s^2 b softmax term of "Reducing Activation Recomputation in Large Transformer
 Models", Korthikanti et al. 2022, does not exist): see `activation_bytes_per_token`. For GPT-2
@@ -63,7 +69,7 @@ class ModelStates:
     params: int
     grads: int
     optimizer: int
-    allowed: bool  # DeepSpeed's pipeline engine takes ZeRO 0 and 1 only
+    allowed: bool  # DeepSpeed's pipeline engine takes ZeRO 0 and 1 only; expert parallelism ZeRO 0-2
 
     @property
     def total(self) -> int:
@@ -87,20 +93,30 @@ def model_state_bytes(numel: int, precision: str, stage: int, data: int, allowed
     )
 
 
-def layer_parameters(m: ModelConfig, tensor: int, pipeline: int) -> list[int]:
+def expert_layer_parameters(m: ModelConfig, tensor: int, expert: int = 1) -> list[int]:
+    """Routed-expert elements one rank holds of each pipeline layer (layer_parameters' order):
+    E experts of 3 d f_e per MoE block, over tensor x expert."""
+    per_block = m.moe_num_experts * 3 * m.hidden_size * m.moe_ffn_hidden_size
+    return [0, *(per_block // (tensor * expert) if is_moe_layer(m, i) else 0 for i in range(m.num_layers)), 0, 0]
+
+
+def layer_parameters(m: ModelConfig, tensor: int, pipeline: int, expert: int = 1) -> list[int]:
     """Parameter elements one tensor rank holds of each pipeline layer, in order:
     [embedding, block x L, final norm, head]. Matmul weights and column-parallel biases are split
     over t; norms and row-parallel biases are replicated; the vocabulary is padded to a multiple
     of make_vocab_size_divisible_by x t. A tied head is a copy of the embedding on the last stage
-    when pipeline > 1 and nothing otherwise."""
+    when pipeline > 1 and nothing otherwise. Routed experts are split over expert as well."""
     d = m.hidden_size
     vocab_rows = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tensor) // tensor
     # 2 RMSNorm (+ qk-norm) | 2 LayerNorm (w, b) + 2 row biases; a MoE block's router and shared gate
     replicated = 2 * d + 2 * m.head_dim * m.qk_norm if m.arch == "llama" else 6 * d
 
+    experts = expert_layer_parameters(m, 1)
+
     def block(i: int) -> int:
         kept = replicated + (m.moe_num_experts * d + d * m.moe_shared_expert_gate if is_moe_layer(m, i) else 0)
-        return (block_parameters(m, i)[1] - kept) // tensor + kept
+        routed = experts[i + 1]
+        return (block_parameters(m, i)[1] - kept - routed) // tensor + routed // (tensor * expert) + kept
 
     embedding = vocab_rows * d + (m.max_seq_len * d if m.arch == "gpt2" else 0)
     head = vocab_rows * d if (not m.tie_embeddings or pipeline > 1) else 0
@@ -196,6 +212,8 @@ class Stage:
     layers: range
     num_blocks: int
     params: int  # elements on one tensor rank
+    expert_params: int  # of which routed experts (ZeRO partitions them over data x context / expert)
+    moe_blocks: int
     in_flight: int  # micro batches whose activations 1F1B keeps at once: min(p - i, accumulation)
     activations: int  # bytes, with the configured activation checkpointing
     activations_no_ckpt: int
@@ -237,16 +255,31 @@ def stage_activations(cfg: Config, blocks: int, in_flight: int, last: bool, chec
 def build_stages(cfg: Config) -> list[Stage]:
     """Every pipeline stage of a validated config: its layers, parameters and activations."""
     m, p = cfg.model, cfg.parallel
-    weights = layer_parameters(m, p.tensor, p.pipeline)
+    weights = layer_parameters(m, p.tensor, p.pipeline, p.expert)
+    experts = expert_layer_parameters(m, p.tensor, p.expert)
     stages = []
     for i, layers in enumerate(partition_stages(weights, p.pipeline, p.pipeline_partition)):
         blocks = sum(1 for j in layers if 1 <= j <= m.num_layers)
         in_flight = min(p.pipeline - i, cfg.train.grad_accum_steps)
         last = i == p.pipeline - 1
         acts = {ck: stage_activations(cfg, blocks, in_flight, last, ck) for ck in (False, True)}
-        stages.append(Stage(i, layers, blocks, sum(weights[j] for j in layers), in_flight,
-                            acts[m.activation_checkpointing], acts[False], acts[True]))
+        moe = sum(1 for j in layers if 1 <= j <= m.num_layers and is_moe_layer(m, j - 1))
+        stages.append(Stage(i, layers, blocks, sum(weights[j] for j in layers), sum(experts[j] for j in layers), moe,
+                            in_flight, acts[m.activation_checkpointing], acts[False], acts[True]))
     return stages
+
+
+def all_to_all_bytes(cfg: Config, moe_blocks: int) -> int:
+    """Bytes one rank sends per step in expert parallelism's all-to-alls: per MoE block and micro
+    batch, its tokens' k copies (w d bytes each) go to their experts' ranks and return, forward and
+    backward (4 exchanges), the fraction (E - 1) / E leaving the rank when routing is balanced. Every
+    tensor rank exchanges the whole micro batch's tokens (its slice of the experts works on all)."""
+    p, m, t = cfg.parallel, cfg.model, cfg.train
+    if p.expert == 1:
+        return 0
+    tokens = t.micro_batch_size * cfg.data.seq_len // p.context
+    copies = 4 * m.moe_top_k * tokens * m.hidden_size * WEIGHT_BYTES[t.precision]
+    return int(moe_blocks * t.grad_accum_steps * copies * (p.expert - 1) / p.expert)
 
 
 @dataclass(frozen=True)
@@ -258,6 +291,7 @@ class Plan:
     pipeline: int
     data: int
     context: int
+    expert: int
     document_mask: bool
     sequence_parallel: bool
     zero_stage: int
@@ -275,6 +309,8 @@ class Plan:
     steps: int
     parameters: int  # the model's, vocabulary padding excluded (megalm.model.flops)
     rank_parameters: int  # elements on one rank of the stage below (padding included)
+    rank_expert_parameters: int  # of which routed experts
+    all_to_all_bytes: int  # per rank and step: the MoE blocks' token exchange (0 without expert parallelism)
     stage: int  # the pipeline stage with the most memory at the configured ZeRO stage
     stage_blocks: int
     zero: list[ModelStates]
@@ -317,18 +353,26 @@ def make_plan(cfg: Config, world_size: int, mfu: float = 0.4, peak_tflops: float
     data = world_size // (p.tensor * p.pipeline * p.context)
     shards = data * p.context  # ZeRO partitions over data x context
 
-    def states(numel: int) -> list[ModelStates]:
-        return [model_state_bytes(numel, t.precision, z, shards, allowed=p.pipeline == 1 or z <= 1) for z in range(4)]
+    def states(stage: Stage) -> list[ModelStates]:
+        """Dense parameters partitioned over data x context, routed experts over its 1/E."""
+        out = []
+        for z in range(4):
+            dense = model_state_bytes(stage.params - stage.expert_params, t.precision, z, shards, p.pipeline == 1 or z <= 1)
+            routed = model_state_bytes(stage.expert_params, t.precision, z, shards // p.expert)
+            allowed = dense.allowed and not (p.expert > 1 and z == 3)  # refused at start-up (config validation)
+            out.append(ModelStates(z, dense.params + routed.params, dense.grads + routed.grads,
+                                   dense.optimizer + routed.optimizer, allowed))
+        return out
 
     stages = build_stages(cfg)
     running = deepspeed_zero_stage(cfg, shards, p.pipeline)
-    worst = max(stages, key=lambda s: states(s.params)[running].total + s.activations)
+    worst = max(stages, key=lambda s: states(s)[running].total + s.activations)
     tokens = t.global_batch_size * cfg.data.seq_len
     palm = flops_per_token_palm(m, cfg.data.seq_len)
     megatron = flops_per_token_megatron(m, cfg.data.seq_len, recompute=m.activation_checkpointing)
     step_seconds = palm * tokens / (world_size * peak_tflops * 1e12 * mfu)
     return Plan(
-        world_size=world_size, tensor=p.tensor, pipeline=p.pipeline, data=data, context=p.context,
+        world_size=world_size, tensor=p.tensor, pipeline=p.pipeline, data=data, context=p.context, expert=p.expert,
         document_mask=m.document_mask,
         sequence_parallel=p.sequence_parallel and p.tensor > 1, zero_stage=running,
         configured_zero_stage=cfg.zero.stage,
@@ -336,8 +380,9 @@ def make_plan(cfg: Config, world_size: int, mfu: float = 0.4, peak_tflops: float
         activation_checkpointing=m.activation_checkpointing, micro_batch_size=t.micro_batch_size,
         grad_accum_steps=t.grad_accum_steps, global_batch_size=t.global_batch_size,
         seq_len=cfg.data.seq_len, tokens_per_step=tokens, steps=t.steps,
-        parameters=count_parameters(m), rank_parameters=worst.params, stage=worst.index,
-        stage_blocks=worst.num_blocks, zero=states(worst.params), activations=worst.activations,
+        parameters=count_parameters(m), rank_parameters=worst.params, rank_expert_parameters=worst.expert_params,
+        all_to_all_bytes=all_to_all_bytes(cfg, worst.moe_blocks), stage=worst.index,
+        stage_blocks=worst.num_blocks, zero=states(worst), activations=worst.activations,
         activations_no_ckpt=worst.activations_no_ckpt, activations_ckpt=worst.activations_ckpt,
         flops_per_token_palm=palm, flops_per_token_megatron=megatron,
         flops_per_step_palm=palm * tokens, flops_per_step_megatron=megatron * tokens,

@@ -29,6 +29,7 @@ class Layout:
     zero: int = 1
     context: int = 1
     sequence_parallel: bool = False
+    expert: int = 1
 
     @property
     def world_size(self) -> int:
@@ -38,11 +39,13 @@ class Layout:
     def name(self) -> str:
         cp = f" CP{self.context}" if self.context > 1 else ""
         sp = " SP" if self.sequence_parallel else ""
-        return f"TP{self.tensor}{sp}{cp} PP{self.pipeline} DP{self.data} ZeRO{self.zero}"
+        ep = f" EP{self.expert}" if self.expert > 1 else ""
+        return f"TP{self.tensor}{sp}{cp} PP{self.pipeline} DP{self.data}{ep} ZeRO{self.zero}"
 
     def overrides(self) -> list[str]:
         return [f"parallel.tensor={self.tensor}", f"parallel.pipeline={self.pipeline}", f"zero.stage={self.zero}",
-                f"parallel.context={self.context}", f"parallel.sequence_parallel={str(self.sequence_parallel).lower()}"]
+                f"parallel.context={self.context}", f"parallel.sequence_parallel={str(self.sequence_parallel).lower()}",
+                f"parallel.expert={self.expert}"]
 
 
 REFERENCE = Layout()

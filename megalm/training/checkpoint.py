@@ -11,6 +11,10 @@
         tokenizer/                 the tokenizer's files
         rng_state_rank{R}.pt       python/numpy/torch/cuda RNG states of each rank, and its
                                    tensor-parallel dropout tracker
+        experts_ep{E}_mp_rank_XX.pt  under expert parallelism: expert rank E's experts (and at
+                                   ZeRO-0 their fp32 masters and Adam moments; ZeRO 1/2 keep those
+                                   in each rank's own optimizer file). DeepSpeed's model file holds
+                                   only its writer's experts, so these are loaded over them.
 
 A save is written into global_stepN.saving; when every rank has written and fsync'd its files, rank 0
 renames the directory to global_stepN (setting aside a complete checkpoint of the same step, if a run
@@ -101,8 +105,7 @@ def save_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)  # left by a save that died half-way
     dist.barrier()
     with seams.collect_write_errors(engine.ds) as errors:  # a failed write must not strand the others
-        engine.ds.save_checkpoint(str(root), tag=staging.name, client_state={"megalm": meta.to_dict()},
-                                  save_latest=False)
+        _save_deepspeed(engine, root, staging, {"megalm": meta.to_dict()})
         try:
             if not errors:
                 _atomic_torch_save(rng_state(engine.tp.rng), staging / f"rng_state_rank{rank}.pt")
@@ -146,8 +149,7 @@ def start_async_save(
         shutil.rmtree(staging, ignore_errors=True)
     dist.barrier()
     with seams.checkpoint_writes(engine.ds, queued_save(writer)):
-        engine.ds.save_checkpoint(str(root), tag=staging.name, client_state={"megalm": meta.to_dict()},
-                                  save_latest=False)
+        _save_deepspeed(engine, root, staging, {"megalm": meta.to_dict()})
     writer.write(rng_state(engine.tp.rng), staging / f"rng_state_rank{rank}.pt")
     if rank == 0:
         write_metadata(staging, meta, tokenizer_files)  # small: written now, hashed when published
@@ -169,7 +171,7 @@ def reserve_async_save(engine: Engine, root: Path, writer: BackgroundWriter) -> 
         writer.copies.reserve(state_dict, Path(path).name)
 
     with seams.checkpoint_writes(engine.ds, reserve):
-        engine.ds.save_checkpoint(str(root), tag=staging.name, save_latest=False)
+        _save_deepspeed(engine, root, staging, {})
     dist.barrier()
     if dist.get_rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)  # the directory DeepSpeed made (and its recovery script)
@@ -203,6 +205,49 @@ def finish_async_save(pending: PendingSave, writer: BackgroundWriter, *, wait: b
         _prune(pending.root, pending.keep_last, keep=pending.tag)
     dist.barrier()
     return True
+
+
+def _save_deepspeed(engine: Engine, root: Path, staging: Path, client_state: dict[str, Any]) -> None:
+    """DeepSpeed's files of this rank into `staging` (as for a dense model), then its experts' file:
+    every file through DeepSpeed's checkpoint engine, so async saves and write errors treat them alike."""
+    with seams.dense_checkpoint_files(engine.ds):
+        engine.ds.save_checkpoint(str(root), tag=staging.name, client_state=client_state, save_latest=False)
+    experts = _expert_parameters(engine)
+    if not experts or engine.dims.expert_data_rank(dist.get_rank()) != 0:
+        return  # no expert parallelism, or another rank holding the same experts writes them
+    state: dict[str, Any] = {"params": {n: p.detach().clone() for n, p in experts.items()}}
+    if engine.ds.zero_optimization_stage() == 0:  # ZeRO 1/2 files hold each rank's own expert states
+        state["optimizer"] = {n: seams.zero0_full_state(engine.ds, p) for n, p in experts.items()}
+    engine.ds.checkpoint_engine.save(state, str(staging / _experts_file(engine)))
+
+
+def _expert_parameters(engine: Engine) -> dict[str, torch.nn.Parameter]:
+    """This rank's expert-parallel parameters by name (empty without expert parallelism)."""
+    return {n: p for n, p in engine.ds.module.named_parameters() if getattr(p, "allreduce", True) is False}
+
+
+def _experts_file(engine: Engine) -> str:
+    c = engine.dims.coords(dist.get_rank())
+    return (f"experts_ep{engine.dims.expert_rank(dist.get_rank()):02d}_"
+            f"mp_rank_{c.pipeline * engine.dims.tensor + c.tensor:02d}.pt")
+
+
+def _load_experts(engine: Engine, ckpt: Path, load_optimizer: bool) -> None:
+    """Under expert parallelism: this rank's experts (and at ZeRO-0 their optimizer state) from the
+    file its expert rank wrote, over what DeepSpeed's model file gave every rank."""
+    experts = _expert_parameters(engine)
+    if not experts:
+        return
+    path = ckpt / _experts_file(engine)
+    if not path.is_file():
+        raise MegalmError(f"{path} is missing: the checkpoint does not hold this rank's experts")
+    state = seams.load_deepspeed_file(path)
+    with torch.no_grad():
+        for name, p in experts.items():
+            p.copy_(state["params"][name])
+    if load_optimizer and "optimizer" in state:
+        for name, p in experts.items():
+            seams.set_full_state(engine.ds, p, state["optimizer"][name])
 
 
 def _agree_on_save(root: Path, staging: Path, failures: list[str]) -> None:
@@ -370,12 +415,14 @@ def load_checkpoint(engine: Engine, root: Path, tag: str, *, load_optimizer: boo
     ckpt = root / tag
     if not ckpt.is_dir():
         raise MegalmError(f"checkpoint {ckpt} does not exist")
-    path, client = engine.ds.load_checkpoint(
-        str(root), tag=tag, load_optimizer_states=load_optimizer, load_lr_scheduler_states=True
-    )
+    with seams.dense_checkpoint_files(engine.ds):
+        path, client = engine.ds.load_checkpoint(
+            str(root), tag=tag, load_optimizer_states=load_optimizer, load_lr_scheduler_states=True
+        )
     if path is None or client is None or "megalm" not in client:
         raise MegalmError(f"checkpoint {ckpt} could not be loaded (incomplete, or not written by megalm)")
     meta = CheckpointMeta.from_dict(client["megalm"], f"the megalm state in {ckpt}")
+    _load_experts(engine, ckpt, load_optimizer)
     rng_file = ckpt / f"rng_state_rank{dist.get_rank()}.pt"
     if rng_file.is_file() and meta.dims == engine.dims:
         set_rng_state(torch.load(rng_file, weights_only=True), engine.tp.rng)

@@ -80,13 +80,15 @@ class CheckpointMeta:
         d = self.dims
         layout = "universal, from " if self.kind == "universal" else ""
         context = f", context {d.context}" if d.context > 1 else ""
-        return f"{layout}tensor {d.tensor}{context}, pipeline {d.pipeline}, data {d.data}, step {self.state.step}"
+        expert = f", expert {d.expert}" if d.expert > 1 else ""
+        return f"{layout}tensor {d.tensor}{context}, pipeline {d.pipeline}, data {d.data}{expert}, step {self.state.step}"
 
     def to_dict(self) -> dict[str, Any]:
         d, s = self.dims, self.state
         return {
             "format_version": self.format_version, "megalm_version": self.megalm_version, "kind": self.kind,
-            "parallel": {"tensor": d.tensor, "pipeline": d.pipeline, "data": d.data, "context": d.context},
+            "parallel": {"tensor": d.tensor, "pipeline": d.pipeline, "data": d.data, "context": d.context,
+                         "expert": d.expert},
             "world_size": d.world_size,
             "step": s.step, "consumed_samples": s.consumed_samples, "skipped_steps": s.skipped_steps,
             "tokenizer": self.tokenizer, "config_yaml": self.config_yaml,
@@ -108,7 +110,8 @@ class CheckpointMeta:
                 raise ValueError(f"kind {raw['kind']!r} is not one of {KINDS}")
             return cls(
                 dims=ParallelDims(tensor=int(p["tensor"]), pipeline=int(p["pipeline"]), data=int(p["data"]),
-                                  context=int(p.get("context", 1))),  # absent before context parallelism
+                                  context=int(p.get("context", 1)),  # absent before context parallelism
+                                  expert=int(p.get("expert", 1))),  # absent before expert parallelism
                 state=TrainState(int(raw["step"]), int(raw["consumed_samples"]), int(raw["skipped_steps"])),
                 tokenizer=dict(raw["tokenizer"]), config_yaml=str(raw["config_yaml"]),
                 kind=raw["kind"], megalm_version=str(raw["megalm_version"]),

@@ -7,6 +7,7 @@ is switched off. The touches below DeepSpeed's public API are in megalm.seams.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ from megalm import seams
 from megalm.config import Config
 from megalm.errors import MegalmError
 from megalm.model.gpt import GPT
-from megalm.model.moe import set_aux_loss_scale
+from megalm.model.moe import MoE, expert_group_name, set_aux_loss_scale
 from megalm.parallel.context import TensorParallel
 from megalm.parallel.dims import ParallelDims
 from megalm.parallel.groups import DeepSpeedMPU, ProcessGroups
@@ -84,9 +85,14 @@ def build_engine(cfg: Config, groups: ProcessGroups, model: nn.Module, tp: Tenso
     if cfg.zero.stage == 3 and groups.dims.context > 1:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
         seams.partition_zero3_over(model, groups.data_context, ds_config, mpu, dtype)
-    ds, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu, dist_init_required=False,
-    )
+    experts = contextlib.nullcontext()
+    if groups.dims.expert > 1:  # DeepSpeed reduces and partitions the experts over their own groups
+        seams.register_expert_groups(expert_group_name(groups.dims.expert), groups.expert, groups.expert_data)
+        experts = seams.deepspeed_sees_experts(MoE)
+    with experts:
+        ds, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu, dist_init_required=False,
+        )
     seams.record_fp32_grad_norm(ds)
     if cfg.zero.stage == 3 and groups.dims.context > 1:
         seams.sum_zero3_gradients_over_context(ds, groups.dims.context)

@@ -2,7 +2,9 @@
 
 Weight decay applies to matrices only: norms, biases (ndim < 2) and, unless
 `optimizer.decay_embeddings`, the token/position embeddings and the output head are not decayed
-(GPT-NeoX / Megatron practice).
+(GPT-NeoX / Megatron practice). Under expert parallelism the experts' matrices form their own
+decayed group, marked as DeepSpeed wants an expert group ("moe": True, "name": the expert group's
+name), so that ZeRO partitions their states over the ranks holding the same experts.
 """
 
 from __future__ import annotations
@@ -29,19 +31,23 @@ def embedding_parameters(model: nn.Module) -> set[int]:
 
 
 def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
-    """Split trainable parameters into a decayed and a non-decayed group (empty groups dropped)."""
-    decay, no_decay = [], []
+    """Split trainable parameters into a decayed and a non-decayed group, and the expert-parallel
+    experts' own group (empty groups dropped)."""
+    decay, no_decay, experts = [], [], {}
     embeddings = embedding_parameters(model)
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or (id(p) in embeddings and not cfg.decay_embeddings):
+        if getattr(p, "allreduce", True) is False:  # expert parallel (megalm.model.moe.GroupedExperts)
+            experts.setdefault(p.group_name, []).append(p)
+        elif p.ndim < 2 or (id(p) in embeddings and not cfg.decay_embeddings):
             no_decay.append(p)
         else:
             decay.append(p)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+        *({"params": ps, "weight_decay": cfg.weight_decay, "name": name, "moe": True} for name, ps in experts.items()),
     ]
     return [g for g in groups if g["params"]]
 

@@ -62,6 +62,7 @@ def bootstrap(
     if announce:
         c = groups.dims.coords(launch.rank)
         context = f" context {c.context}" if groups.dims.context > 1 else ""
+        context += f" expert {groups.expert_rank}" if groups.dims.expert > 1 else ""
         print(f"megalm rank {launch.rank}/{launch.world_size} local {launch.local_rank} via {launch.launcher} "
               f"on {os.environ.get('SLURMD_NODENAME') or socket.gethostname()}: pipeline {c.pipeline} data {c.data}"
               f"{context} tensor {c.tensor} ({device}, {torch.distributed.get_backend()})", flush=True)

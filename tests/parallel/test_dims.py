@@ -64,3 +64,18 @@ def test_context_axis_sits_between_tensor_and_data():
     assert dims.model_groups() == [[0, 1], [2, 3], [4, 5], [6, 7]]
     with pytest.raises(MegalmError, match="tensor x context x pipeline = 2 x 4 x 1 = 8"):
         ParallelDims.from_world(12, tensor=2, context=4)
+
+
+def test_expert_groups_fold_into_data_x_context():
+    # tensor 2 x context 2 x data 2, expert 2: ranks = ((data * 2) + context) * 2 + tensor; the expert
+    # groups are consecutive data x context ranks of one tensor rank, the expert-data groups every other
+    dims = ParallelDims(tensor=2, pipeline=1, data=2, context=2, expert=2)
+    assert dims.data_context_groups() == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert dims.expert_groups() == [[0, 2], [4, 6], [1, 3], [5, 7]]
+    assert dims.expert_data_groups() == [[0, 4], [2, 6], [1, 5], [3, 7]]
+    assert [dims.expert_rank(r) for r in range(8)] == [0, 0, 1, 1, 0, 0, 1, 1]
+    assert [dims.expert_data_rank(r) for r in range(8)] == [0, 0, 0, 0, 1, 1, 1, 1]
+    for eg in dims.expert_groups():  # one rank of each expert group in every expert-data group
+        assert all(len(set(eg) & set(edp)) <= 1 for edp in dims.expert_data_groups())
+    with pytest.raises(MegalmError, match=r"parallel.expert \(4\) must divide data x context \(2 x 1 = 2\)"):
+        ParallelDims(tensor=1, pipeline=1, data=2, expert=4)

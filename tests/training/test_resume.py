@@ -22,10 +22,11 @@ SLOW = ["train.micro_batch_size=1", "train.global_batch_size=64", "train.eval_in
         "logging.tensorboard=false", "train.precision=fp32"]
 
 
-def torchrun(run_dir: Path, prefix: str, *overrides: str, nproc: int = 2, env: dict | None = None) -> subprocess.Popen:
+def torchrun(run_dir: Path, prefix: str, *overrides: str, nproc: int = 2, env: dict | None = None,
+             config: str = TINY) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "-m", "megalm.train", "--config", TINY, f"data.train_prefixes=[{prefix}]",
+           "-m", "megalm.train", "--config", config, f"data.train_prefixes=[{prefix}]",
            f"train.run_dir={run_dir}", *overrides]
     log = open(run_dir.parent / f"{run_dir.name}.log", "a")  # noqa: SIM115
     return subprocess.Popen(cmd, env=train_env(**(env or {})), stdout=log, stderr=subprocess.STDOUT,

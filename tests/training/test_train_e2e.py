@@ -79,6 +79,15 @@ def test_user_errors_at_start_are_one_line(byte_shards, tmp_path):
          "model.moe_dense_layers [7] outside the model's blocks 0..1"),
         ([f"data.train_prefixes=[{byte_shards}]", "model.moe_num_experts=4"],
          "LlamaForCausalLM cannot hold model.moe_num_experts=4: set model.family=mixtral"),
+        # expert parallelism (one process here; tests/training/test_expert_parallel.py runs it)
+        ([f"data.train_prefixes=[{byte_shards}]", "model.moe_num_experts=6", "model.family=none", "parallel.expert=4"],
+         "model.moe_num_experts (6) must divide by parallel.expert (4)"),
+        ([f"data.train_prefixes=[{byte_shards}]", "model.moe_num_experts=4", "model.family=none", "parallel.expert=2"],
+         "parallel.expert (2) must divide data x context (1 x 1 = 1)"),
+        ([f"data.train_prefixes=[{byte_shards}]", "model.moe_num_experts=4", "model.family=none", "parallel.expert=2",
+          "zero.stage=3"], "parallel.expert=2 with zero.stage=3 is not supported"),
+        ([f"data.train_prefixes=[{byte_shards}]", "parallel.expert=2"],
+         "parallel.expert=2 needs a mixture of experts (model.moe_num_experts > 0)"),
     ]
     for overrides, message in cases:
         if "fp16" in message and torch.cuda.is_available():
