@@ -381,10 +381,15 @@ class ZeroPartitions:
     partition_numel: list[int]  # ZeRO-1/2: of each group; ZeRO-3: of each sub-group, on one rank
     step: float  # Adam's step count (0 before the first optimizer step)
     has_moments: bool
+    group_files: list[list[Path]] | None = None
+    """ZeRO-1/2: the files holding each group's partitions, in partition order (an expert group's
+    are those of the ranks holding the expert rank's experts)."""
 
     @classmethod
-    def open(cls, ckpt: Path, mp: int) -> ZeroPartitions | None:
-        """None when the rank has no optimizer partitions (ZeRO-0)."""
+    def open(cls, ckpt: Path, mp: int, expert_rank: int = 0, experts: int = 1) -> ZeroPartitions | None:
+        """None when the rank has no optimizer partitions (ZeRO-0). Under expert parallelism
+        (`experts` > 1) the expert groups are expert rank `expert_rank`'s: DeepSpeed partitions them over
+        the data x context ranks d with d % experts == expert_rank (megalm.parallel.dims)."""
         from deepspeed.checkpoint import constants as c  # noqa: PLC0415 - heavy
 
         files = sorted(ckpt.glob(f"*zero_pp_rank_*_mp_rank_{mp:02d}_optim_states.pt"), key=_dp_rank)
@@ -404,7 +409,12 @@ class ZeroPartitions:
         paddings = first.get(c.PARAM_ALIGNMENT_PADDINGS)
         slots = _zero3_slots(shapes, world) if stage == 3 else _zero12_slots(shapes, paddings)
         step = float(next(iter(base.values()))["step"]) if base else 0.0
-        return cls(files, stage, slots, [t.numel() for t in flat], step, bool(base))
+        counts = first[c.PARTITION_COUNT] if isinstance(first[c.PARTITION_COUNT], list) else [world] * len(flat)
+        group_files = [files if n == world else files[expert_rank::experts] for n in counts]
+        if any(len(g) != n for g, n in zip(group_files, counts, strict=True)):
+            raise MegalmError(f"{ckpt}: the optimizer partitions of model-parallel rank {mp} do not match "
+                              f"parallel.expert={experts}: the checkpoint is incomplete or damaged")
+        return cls(files, stage, slots, [t.numel() for t in flat], step, bool(base), group_files)
 
     def names(self) -> list[str]:
         return list(self.slots)
@@ -415,25 +425,26 @@ class ZeroPartitions:
         if self.stage <= 2:
             size = self.partition_numel[slot.group]
             first, last = slot.offset // size, (slot.offset + slot.numel - 1) // size
-            pieces = [self._flats(d, key)[slot.group][max(slot.offset - d * size, 0):
-                                                       min(slot.offset + slot.numel - d * size, size)].clone()
+            files = self.group_files[slot.group] if self.group_files else self.files
+            pieces = [self._flats(files[d], key)[slot.group][max(slot.offset - d * size, 0):
+                                                             min(slot.offset + slot.numel - d * size, size)].clone()
                       for d in range(first, last + 1)]
             return torch.cat(pieces).view(slot.shape)
         per_rank = math.ceil(slot.numel / len(self.files))
         bounds = [0, *itertools.accumulate(self.partition_numel)]
         pieces = []
-        for d in range(len(self.files)):
-            flats = self._flats(d, key)
+        for path in self.files:
+            flats = self._flats(path, key)
             for g, (lo, hi) in enumerate(itertools.pairwise(bounds)):
                 start, end = max(slot.offset, lo), min(slot.offset + per_rank, hi)
                 if start < end:
                     pieces.append(flats[g][start - lo:end - lo].clone())
         return torch.cat(pieces)[:slot.numel].view(slot.shape)
 
-    def _flats(self, d: int, key: str) -> list[torch.Tensor]:
+    def _flats(self, path: Path, key: str) -> list[torch.Tensor]:
         from deepspeed.checkpoint import constants as c  # noqa: PLC0415 - heavy
 
-        sd = load_deepspeed_file(self.files[d])[c.OPTIMIZER_STATE_DICT]
+        sd = load_deepspeed_file(path)[c.OPTIMIZER_STATE_DICT]
         if key == "fp32":
             return sd[c.SINGLE_PARTITION_OF_FP32_GROUPS if self.stage <= 2 else c.FP32_FLAT_GROUPS]
         state = sd[c.BASE_OPTIMIZER_STATE if self.stage <= 2 else c.OPTIMIZER_STATE_DICT]["state"]

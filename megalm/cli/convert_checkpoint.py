@@ -47,6 +47,7 @@ def _layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     p.add_argument("--dp", type=int, default=1, help="data-parallel size the run will resume with (ZeRO partitions)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (of --dp) the run will resume with")
     p.add_argument("overrides", nargs="*", help="section.key=value config overrides (e.g. zero.stage=1)")
 
 
@@ -64,10 +65,11 @@ def main(argv: list[str] | None = None) -> int:
               f"python -m megalm.train --config CONFIG checkpoint.load={a.output} [parallel.* zero.stage=...]")
         return 0
     if a.command == "from-hf":
-        ckpt = from_hf(a.hf, a.output, tensor=a.tp, pipeline=a.pp, data_parallel=a.dp, config_file=a.config,
+        ckpt = from_hf(a.hf, a.output, tensor=a.tp, pipeline=a.pp, data_parallel=a.dp, expert=a.ep, config_file=a.config,
                        overrides=a.overrides, tokenizer=not a.no_tokenizer)
     else:
-        ckpt = reshard(a.checkpoint, a.output, tensor=a.tp, pipeline=a.pp, data_parallel=a.dp, overrides=a.overrides)
+        ckpt = reshard(a.checkpoint, a.output, tensor=a.tp, pipeline=a.pp, data_parallel=a.dp, expert=a.ep,
+                       overrides=a.overrides)
     print(f"wrote {describe_written(ckpt)} in {time.perf_counter() - t0:.1f} s; resume with: "
           f"python -m megalm.train --config {a.output}/config.yaml data.train_prefixes=[...] train.steps=N")
     return 0

@@ -227,6 +227,7 @@ def to_hf(checkpoint: str | Path, output: str | Path, *, dtype: str = "fp32", ma
 
 
 def from_hf(hf_dir: str | Path, output: str | Path, *, tensor: int = 1, pipeline: int = 1, data_parallel: int = 1,
+            expert: int = 1,
             config_file: str | None = None, overrides: list[str] = (), tokenizer: bool = True) -> Path:
     """An HF directory (a family of megalm.convert.families) -> RUN_DIR with a step-0 megalm checkpoint at tensor x pipeline."""
     hf_dir, run_dir = Path(hf_dir), Path(output)
@@ -235,22 +236,24 @@ def from_hf(hf_dir: str | Path, output: str | Path, *, tensor: int = 1, pipeline
     model_cfg, state = load_hf_dir(hf_dir)
     created = not run_dir.exists()
     try:
-        return _write_from_hf(hf_dir, run_dir, model_cfg, state, tensor, pipeline, data_parallel, config_file,
-                              overrides, tokenizer)
+        return _write_from_hf(hf_dir, run_dir, model_cfg, state, (tensor, pipeline, data_parallel, expert),
+                              config_file, overrides, tokenizer)
     except BaseException:
         if created:  # nothing half-written that looks like a run
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
 
-def _write_from_hf(hf_dir: Path, run_dir: Path, model_cfg: ModelConfig, state: dict[str, torch.Tensor], tensor: int,
-                   pipeline: int, data_parallel: int, config_file: str | None, overrides: list[str],
+def _write_from_hf(hf_dir: Path, run_dir: Path, model_cfg: ModelConfig, state: dict[str, torch.Tensor],
+                   layout: tuple[int, int, int, int], config_file: str | None, overrides: list[str],
                    tokenizer: bool) -> Path:
+    """`layout`: tensor, pipeline, data parallel, expert parallel."""
+    tensor, pipeline, data_parallel, expert = layout
     cfg = base_config(config_file, [*overrides, f"train.run_dir={run_dir}"])
     cfg.model = dataclasses.replace(model_cfg, init_std=cfg.model.init_std,
                                     activation_checkpointing=cfg.model.activation_checkpointing,
                                     make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by)
-    cfg.parallel.tensor, cfg.parallel.pipeline = tensor, pipeline
+    cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.expert = tensor, pipeline, expert
     info, files = {}, []
     if tokenizer:
         kind, model_file = tokenizer_from_hf_dir(hf_dir, run_dir / "tokenizer")

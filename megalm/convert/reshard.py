@@ -19,13 +19,14 @@ from megalm.convert.writer import copy_tokenizer_file, write_checkpoint
 
 
 def reshard(checkpoint: str | Path, output: str | Path, *, tensor: int, pipeline: int, data_parallel: int = 1,
-            overrides: list[str] = ()) -> Path:
-    """Write `checkpoint` (any layout, or universal) at tensor x pipeline (x data_parallel) into the run
-    directory `output`, through its universal form."""
+            expert: int = 1, overrides: list[str] = ()) -> Path:
+    """Write `checkpoint` (any layout, or universal) at tensor x pipeline (x data_parallel, with
+    `expert` of its ranks splitting the experts) into the run directory `output`, through its
+    universal form."""
     ckpt = open_checkpoint(checkpoint, optimizer=True)  # every file checked before anything is written
     run_dir = Path(output)
     raw = copy.deepcopy(ckpt.config.to_dict())
-    raw["parallel"].update(tensor=tensor, pipeline=pipeline)
+    raw["parallel"].update(tensor=tensor, pipeline=pipeline, expert=expert)
     raw["train"].update(run_dir=str(run_dir), global_batch_size=None, grad_accum_steps=None)
     raw["data"]["cache_dir"] = ""
     if ckpt.config.train.global_batch_size:  # keep the global batch: the data order depends on it

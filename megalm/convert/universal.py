@@ -13,13 +13,16 @@ Layout (DeepSpeed's universal checkpoint layout and file format, megalm's GPT pa
       zero/<name>/fp32.pt             {"param": tensor}: the full fp32 master, tensor size 1, the
               exp_avg.pt, exp_avg_sq.pt  tokenizer's vocabulary rows (no padding); moments absent when
               step.pt                    the source had no optimizer state (from-hf); step: Adam's count
+      buffers/<name>.pt               {"param": tensor}: persistent buffers (the MoE expert bias), megalm's
+                                      addition (DeepSpeed's own loader knows parameters only)
 
 Writing reads the source with megalm's checkpoint reader, one parameter at a time (any layout: ZeRO
 0-3, fp32 or bf16, pipeline or not; a ZeRO-0 pipeline excepted), so memory holds about two copies
 of the largest parameter, not the model. Loading is
 DeepSpeed's: the weights go into the model before deepspeed.initialize, then each rank's masters and
 moments are set through DeepSpeed's safe_set_full_* API, which partitions them for ZeRO; only the
-slicing of a full tensor into this rank's tensor-parallel shard is megalm's (`local_shard`). The
+slicing of a full tensor into this rank's tensor-parallel shard (and, for routed experts, its expert
+rank's experts) is megalm's (`local_shard`). The
 optimizer's parameter groups, learning rate and weight decay come from the resuming run's config,
 matched by name, never from the source's group list by position.
 """
@@ -38,13 +41,20 @@ from torch import nn
 
 from megalm import seams
 from megalm.config import Config
-from megalm.convert.reader import UNIVERSAL_PARAM, CheckpointReader, open_checkpoint, universal_state_file
+from megalm.convert.reader import (
+    UNIVERSAL_PARAM,
+    CheckpointReader,
+    open_checkpoint,
+    universal_buffer_file,
+    universal_state_file,
+)
 from megalm.errors import MegalmError
 from megalm.model.gpt import VOCAB_PARAMETERS
+from megalm.model.moe import is_expert_parallel
 from megalm.parallel.groups import ProcessGroups
 from megalm.parallel.layers import shard_tensor
 from megalm.parallel.pipeline import gpt_name
-from megalm.parallel.sharding import sharding_specs
+from megalm.parallel.sharding import buffer_names, sharding_specs
 from megalm.parallel.vocab import pad_vocab_rows
 from megalm.training import manifest
 from megalm.training.checkpoint import atomic_write_text, fsync_tree, tag_of, write_metadata
@@ -66,13 +76,13 @@ def convert_to_universal(checkpoint: str | Path, output: str | Path) -> Path:
     reader = CheckpointReader(src)
     keys = reader.keys()
     states = ((name, {key: functools.partial(reader.full, name, key) for key in keys}) for name in reader.specs)
-    return write_universal(output, src.meta, states, reader.step(), src.tokenizer().files())
+    return write_universal(output, src.meta, states, reader.step(), src.tokenizer().files(), reader.buffers())
 
 
 def write_universal(
     output: str | Path, meta: CheckpointMeta,
     states: Iterator[tuple[str, dict[str, torch.Tensor | Callable[[], torch.Tensor]]]], step: float,
-    tokenizer_files: list[str],
+    tokenizer_files: list[str], buffers: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `states` (GPT name -> {"fp32", and optionally "exp_avg", "exp_avg_sq"}: a tensor, or a
     function reading it, called when its file is written, so memory holds one at a time) as a
@@ -92,6 +102,9 @@ def write_universal(
                 torch.save({UNIVERSAL_PARAM: tensor.contiguous()}, universal_state_file(ckpt, name, key))
                 del tensor
             torch.save({UNIVERSAL_PARAM: torch.tensor(step)}, universal_state_file(ckpt, name, "step"))
+        for name, tensor in (buffers or {}).items():
+            universal_buffer_file(ckpt, name).parent.mkdir(parents=True, exist_ok=True)
+            torch.save({UNIVERSAL_PARAM: tensor.contiguous()}, universal_buffer_file(ckpt, name))
         write_metadata(ckpt, replace(meta, kind="universal"), tokenizer_files)
         fsync_tree(ckpt)
         manifest.record(ckpt)
@@ -108,10 +121,14 @@ def write_universal(
 # ----------------------------------------------------------------------------- loading
 
 
-def local_shard(full: torch.Tensor, name: str, param: nn.Parameter, tp_rank: int, tp: int) -> torch.Tensor:
+def local_shard(full: torch.Tensor, name: str, param: nn.Parameter, tp_rank: int, tp: int,
+                expert_rank: int = 0, experts: int = 1) -> torch.Tensor:
     """This rank's tensor-parallel shard of the full (unpadded) tensor of GPT parameter `name`, shaped
-    as `param` (the vocabulary padded to this layout's size, split along partition_dim/stride)."""
+    as `param` (the vocabulary padded to this layout's size, split along partition_dim/stride; a
+    routed expert weight first cut to expert rank `expert_rank`'s experts of `experts`)."""
     shape = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 keeps the shard's shape aside
+    if is_expert_parallel(param):
+        full = shard_tensor(full, 0, expert_rank, experts)
     if name in VOCAB_PARAMETERS:
         full = pad_vocab_rows(full, shape[0] * (tp if param.tensor_model_parallel else 1))
     if param.tensor_model_parallel and tp > 1:
@@ -154,6 +171,10 @@ class UniversalCheckpoint:
                 raise MegalmError(f"the universal checkpoint {self.path} is of another model: model.{key} is "
                                   f"{getattr(saved, key)} there and {getattr(now, key)} here")
         names = list(sharding_specs(now))
+        missing = [n for n in buffer_names(now) if not universal_buffer_file(self.path, n).is_file()]
+        if missing:
+            raise MegalmError(f"{universal_buffer_file(self.path, missing[0])} is missing: the universal checkpoint "
+                              "does not carry the model's buffers (converted by a megalm that did not keep them)")
         moments = self.has(names[0], "exp_avg")
         for name in names:
             for key in ["fp32", "step", *(["exp_avg", "exp_avg_sq"] if moments else [])]:
@@ -166,11 +187,17 @@ class UniversalCheckpoint:
         into the model before deepspeed.initialize makes the optimizer's masters from it."""
 
         def load(model: nn.Module, groups: ProcessGroups) -> None:
+            buffers = set(buffer_names(cfg.model))
             with torch.no_grad():
                 for name, param in model.named_parameters():
                     gpt = gpt_name(name, cfg.model.num_layers)
-                    shard = local_shard(self.tensor(gpt, "fp32"), gpt, param, groups.tensor_rank, groups.dims.tensor)
+                    shard = local_shard(self.tensor(gpt, "fp32"), gpt, param, groups.tensor_rank, groups.dims.tensor,
+                                        groups.expert_rank, groups.dims.expert)
                     param.copy_(shard)
+                for name, buf in model.named_buffers():
+                    gpt = gpt_name(name, cfg.model.num_layers)
+                    if gpt in buffers:
+                        buf.copy_(seams.load_deepspeed_file(universal_buffer_file(self.path, gpt))[UNIVERSAL_PARAM])
 
         return load
 
@@ -180,14 +207,15 @@ class UniversalCheckpoint:
         schedule and DeepSpeed's step counters; reseed the random streams for the step (the source's
         per-rank states belong to its own layout). Return where training stands."""
         tp_rank, tp, layers = engine.tp.rank, engine.tp.size, cfg.model.num_layers
+        expert_rank, experts = engine.tp.expert_rank, engine.tp.expert_size
         params = list(engine.ds.module.named_parameters())
         step = float(self.tensor(gpt_name(params[0][0], layers), "step")) if moments and params else 0.0
         seams.prepare_optimizer_state(engine.ds, step)
         for name, param in params:
             gpt = gpt_name(name, layers)
             keys = [k for k in seams.OPTIMIZER_KEYS if k == "fp32" or (moments and self.has(gpt, k))]
-            seams.set_full_state(engine.ds, param, {k: local_shard(self.tensor(gpt, k), gpt, param, tp_rank, tp)
-                                                    for k in keys})
+            seams.set_full_state(engine.ds, param, {k: local_shard(self.tensor(gpt, k), gpt, param, tp_rank, tp,
+                                                                   expert_rank, experts) for k in keys})
         state = self.meta.state
         with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": intended
             warnings.simplefilter("ignore")

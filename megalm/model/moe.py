@@ -82,6 +82,17 @@ def expert_group_name(size: int) -> str:
     return f"ep_size_{size}"
 
 
+def mark_expert_parallel(param: nn.Parameter, size: int) -> None:
+    """DeepSpeed's marks of an expert parameter split over `size` expert ranks (deepspeed.moe.utils
+    is_moe_param): reduced over the ranks holding the same experts, in its own ZeRO group."""
+    param.allreduce, param.group_name = False, expert_group_name(size)
+
+
+def is_expert_parallel(param: torch.Tensor) -> bool:
+    """Whether `param` is split over expert ranks (mark_expert_parallel)."""
+    return getattr(param, "allreduce", True) is False
+
+
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Rows of x sorted by group (counts[e] rows for group e) times weight[e]^T: (N, in) x (E, out, in)
     -> (N, out). torch._grouped_mm where it exists for this device, dtype and alignment, else a
@@ -154,9 +165,9 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(shard_tensor(w2, 2, r, p))
         mark_sharded(self.w1, 1, 2)
         mark_sharded(self.w2, 2, 1)
-        if ep > 1:  # DeepSpeed's marks of an expert parameter (deepspeed.moe.utils.is_moe_param)
-            for w in (self.w1, self.w2):
-                w.allreduce, w.group_name = False, expert_group_name(ep)
+        if ep > 1:
+            mark_expert_parallel(self.w1, ep)
+            mark_expert_parallel(self.w2, ep)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (N, H) sorted by expert, counts (E,) -> (N, H) partial over the tensor ranks."""

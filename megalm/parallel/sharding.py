@@ -20,7 +20,7 @@ import torch
 
 from megalm.config import ModelConfig
 from megalm.model.gpt import GPT, PIPELINE_LAYERS, VOCAB_PARAMETERS, padded_vocab
-from megalm.model.moe import is_moe_layer
+from megalm.model.moe import GroupedExperts, is_moe_layer
 from megalm.parallel.context import TensorParallel
 
 
@@ -48,6 +48,27 @@ def sharding_specs(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     for i in range(cfg.num_layers):
         specs.update({f"blocks.{i}.{rest}": spec for rest, spec in layouts[is_moe_layer(cfg, i)].items()})
     return specs
+
+
+def routed_expert_names(cfg: ModelConfig) -> set[str]:
+    """GPT names of the routed experts' weights (megalm.model.moe.GroupedExperts: dimension 0 is the
+    expert), the parameters expert parallelism splits over its ranks."""
+    if not cfg.moe_num_experts:
+        return set()
+    with torch.device("meta"):
+        block = GPT(dataclasses.replace(cfg, num_layers=1, moe_layer_freq=1, moe_dense_layers=[]), TensorParallel.build(None))
+    inside = [f"{m}.{p}"[len("blocks.0."):] for m, module in block.named_modules() if isinstance(module, GroupedExperts)
+              for p, _ in module.named_parameters()]
+    return {f"blocks.{i}.{rest}" for i in range(cfg.num_layers) if is_moe_layer(cfg, i) for rest in inside}
+
+
+def buffer_names(cfg: ModelConfig) -> list[str]:
+    """GPT names of the model's persistent buffers (state, not parameters: the MoE expert bias),
+    which checkpoints and converters carry beside the parameters."""
+    with torch.device("meta"):
+        model = GPT(cfg, TensorParallel.build(None))
+    params = {n for n, _ in model.named_parameters()}
+    return [n for n in model.state_dict() if n not in params]
 
 
 def _pattern(name: str) -> str:

@@ -65,7 +65,7 @@ def hf_loss_on_first_batch(hf_dir: str | Path, run_dir: str | Path, prefix: str)
     from megalm.data.tokenizer import build_tokenizer  # noqa: PLC0415
 
     cfg = load_config(Path(run_dir) / "config.yaml", [f"data.train_prefixes=[{prefix}]", "train.steps=1"])
-    cfg = cfg.validate(cfg.parallel.tensor * cfg.parallel.pipeline)
+    cfg = cfg.validate(cfg.parallel.tensor * cfg.parallel.pipeline * cfg.parallel.expert)  # the smallest world it runs at
     t = cfg.train
     tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
     train, _, _ = build_datasets(cfg.data, tokenizer, t.seed,

@@ -52,6 +52,7 @@ import torch.distributed as dist
 
 from megalm import seams
 from megalm.errors import MegalmError
+from megalm.model.moe import is_expert_parallel
 from megalm.parallel.groups import communication_device
 from megalm.parallel.random import TensorParallelRNG
 from megalm.training import manifest
@@ -223,7 +224,7 @@ def _save_deepspeed(engine: Engine, root: Path, staging: Path, client_state: dic
 
 def _expert_parameters(engine: Engine) -> dict[str, torch.nn.Parameter]:
     """This rank's expert-parallel parameters by name (empty without expert parallelism)."""
-    return {n: p for n, p in engine.ds.module.named_parameters() if getattr(p, "allreduce", True) is False}
+    return {n: p for n, p in engine.ds.module.named_parameters() if is_expert_parallel(p)}
 
 
 def _experts_file(engine: Engine) -> str:

@@ -372,12 +372,7 @@ def _check_same_layout(checkpoint: Path, cfg: Config, dims: ParallelDims, load_o
                "then resume with checkpoint.load=U")
     if saved.expert != dims.expert:
         raise MegalmError(f"the checkpoint was written at parallel.expert={saved.expert}, this run has "
-                          f"parallel.expert={dims.expert}: resume it at parallel.expert={saved.expert} (the converters do "
-                          "not read expert-parallel checkpoints yet)")
-    if saved.expert > 1 and saved.zero_shards != dims.zero_shards:
-        raise MegalmError(f"the checkpoint was written with data x context parallel {saved.data} x {saved.context} and "
-                          f"parallel.expert={saved.expert}, this run has {dims.data} x {dims.context}: resume it on "
-                          "its own layout (the converters do not read expert-parallel checkpoints yet)")
+                          f"parallel.expert={dims.expert}: {convert}")
     if (saved.tensor, saved.pipeline) != (dims.tensor, dims.pipeline):
         raise MegalmError(f"the checkpoint was written at tensor {saved.tensor} x pipeline {saved.pipeline}, this "
                           f"run has {dims.tensor} x {dims.pipeline}: {convert}")

@@ -17,6 +17,7 @@ from torch import nn
 
 from megalm.config import OptimizerConfig
 from megalm.model.gpt import Embedding, Head
+from megalm.model.moe import is_expert_parallel
 from megalm.parallel.groups import communication_device
 
 
@@ -38,7 +39,7 @@ def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        if getattr(p, "allreduce", True) is False:  # expert parallel (megalm.model.moe.GroupedExperts)
+        if is_expert_parallel(p):  # megalm.model.moe.GroupedExperts under parallel.expert > 1
             experts.setdefault(p.group_name, []).append(p)
         elif p.ndim < 2 or (id(p) in embeddings and not cfg.decay_embeddings):
             no_decay.append(p)

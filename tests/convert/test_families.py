@@ -175,3 +175,21 @@ def test_what_megalm_cannot_convert_is_one_line_and_nothing_written(tmp_path, fa
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], r.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_a_moe_family_goes_in_at_expert_parallel_and_trains_with_transformers_loss(tiny, tmp_path, convert_shards,
+                                                                                   trainer, family):
+    # from-hf --dp 2 --ep 2: each rank's experts are its expert rank's half; the first step's loss is transformers'
+    from megalm.convert.hf import from_hf
+    from megalm.testing.runs import hf_loss_on_first_batch
+
+    run = tmp_path / "run"
+    from_hf(tiny / family, run, data_parallel=2, expert=2, overrides=[
+        "train.precision=fp32", "zero.stage=1", "train.micro_batch_size=2", "train.global_batch_size=4"])
+    assert sorted(p.name for p in (run / "checkpoints" / "global_step0").glob("experts_*")) == [
+        "experts_ep00_mp_rank_00.pt", "experts_ep01_mp_rank_00.pt"]
+    losses = trainer(run, 2, [f"data.train_prefixes=[{convert_shards}]", "train.steps=1", "checkpoint.load=auto",
+                              "checkpoint.save_at_end=false"], config=str(run / "config.yaml"))
+    expected = hf_loss_on_first_batch(tiny / family, run, convert_shards)
+    assert abs(losses[0] - expected) <= 1e-5 * expected, (losses[0], expected)

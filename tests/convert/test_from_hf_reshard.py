@@ -32,7 +32,7 @@ def test_from_hf_round_trip_is_bitwise_and_training_resumes(checkpoints, convert
     ckpt = from_hf(x, run, tensor=1, pipeline=2, overrides=["train.precision=bf16", "zero.stage=1",
                                                                    "train.micro_batch_size=4", "train.global_batch_size=8"])
     meta = open_checkpoint(run).meta.to_dict()
-    assert meta["parallel"] == {"tensor": 1, "pipeline": 2, "data": 1, "context": 1} and meta["step"] == 0
+    assert meta["parallel"] == {"tensor": 1, "pipeline": 2, "data": 1, "context": 1, "expert": 1} and meta["step"] == 0
     assert (run / "checkpoints" / "latest").read_text() == ckpt.name
     y = tmp_path / "y"
     to_hf(run, y)

@@ -46,7 +46,7 @@ def test_tp2_run_writes_metrics_tensorboard_and_checkpoints(byte_shards, tmp_pat
     assert (ckpts / "latest").read_text() == "global_step6"
     assert sorted(p.name for p in ckpts.glob("global_step*")) == ["global_step4", "global_step6"]  # keep_last
     meta = json.loads((ckpts / "global_step6" / "megalm.json").read_text())
-    assert meta["parallel"] == {"tensor": 2, "pipeline": 1, "data": 1, "context": 1} and meta["step"] == 6
+    assert meta["parallel"] == {"tensor": 2, "pipeline": 1, "data": 1, "context": 1, "expert": 1} and meta["step"] == 6
     assert meta["consumed_samples"] == 24 and meta["tokenizer"]["type"] == "byte"
     saved = yaml.safe_load((ckpts / "global_step6" / "config.yaml").read_text())
     assert saved == yaml.safe_load((run_dir / "config.yaml").read_text())
