@@ -17,7 +17,9 @@
 # With the device tool: run(command="bash tools/gpu_checks.sh", carry=[".whl"], timeout_s=540)
 # Elsewhere: OUT=runs/gpu-checks bash tools/gpu_checks.sh; STEPS=benchmark,tests,hf picks steps 2-4;
 # STEPS=...,variant VARIANT="train.global_batch_size=32" adds the compiled 1B run with those overrides;
-# STEPS=...,qwen3 a 1B-sized Qwen3 shape against transformers' Qwen3ForCausalLM (issue 22).
+# STEPS=...,qwen3 a 1B-sized Qwen3 shape against transformers' Qwen3ForCausalLM (issue 22);
+# STEPS=...,moe a Qwen3-MoE shape (8 experts, top-2: torch._grouped_mm on the GPU) against transformers'
+# Qwen3MoeForCausalLM (issue 23).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu-checks}
@@ -104,5 +106,15 @@ if [[ $STEPS == *qwen3* ]]; then  # issue 22: a Qwen3 shape against transformers
         model.num_kv_heads=8 model.head_dim=128 >/dev/null 2>"$OUT/bench-qwen3-hf.log"
     echo "rc=$?" | tee -a "$OUT/gpu.txt"
     [ -s "$OUT/bench-qwen3-hf.json" ] && summary "$OUT/bench-qwen3-hf.json" || tail -25 "$OUT/bench-qwen3-hf.log"
+fi
+if [[ $STEPS == *moe* ]]; then  # issue 23: the grouped-matmul experts against transformers' own Qwen3-MoE
+    log "1.5B Qwen3-MoE shape (8 experts of 1024, top-2, qk-norm), compiled, beside transformers' Qwen3-MoE compiled"
+    timeout 180 "$PY" tools/benchmark.py --config "$CONFIG" --steps 5 --warmup 2 --compare-hf compiled --profile \
+        --output "$OUT/bench-moe-hf.json" model.family=qwen3_moe model.qk_norm=true model.num_heads=16 \
+        model.num_kv_heads=8 model.head_dim=128 model.moe_num_experts=8 model.moe_top_k=2 \
+        model.moe_ffn_hidden_size=1024 train.micro_batch_size=4 train.global_batch_size=4 \
+        >/dev/null 2>"$OUT/bench-moe-hf.log"
+    echo "rc=$?" | tee -a "$OUT/gpu.txt"
+    [ -s "$OUT/bench-moe-hf.json" ] && summary "$OUT/bench-moe-hf.json" || tail -25 "$OUT/bench-moe-hf.log"
 fi
 log "done"

@@ -126,6 +126,14 @@ class ModelConfig:
     """Weight of each MoE layer's switch/GShard load-balancing loss E / k * sum_e f_e p_e (1 when
     balanced), over each micro batch's tokens, summed over the layers and added to the loss's gradient
     (the logged loss is the language-model loss). Mixtral trains with 0.02, Qwen3-MoE 0.001."""
+    moe_aux_loss_statistics: Literal["micro_batch", "global_batch"] = "micro_batch"
+    """Where the switch loss's f_e (the fraction of tokens routed to expert e) comes from. micro_batch:
+    the micro batch's own tokens (the loss is the same at every layout). global_batch: the tokens of
+    the step's micro batches so far on every data-parallel rank (Megatron-core's global_aux_loss; Qwen's
+    global-batch balancing, arXiv 2501.11873): a looser constraint that lets experts specialise by
+    sequence; by definition it depends on how the global batch is split into data-parallel ranks and
+    micro batches, and is the same under any tensor, pipeline, context or expert parallelism, ZeRO stage
+    and recomputation at one such split."""
     moe_z_loss_coeff: float = 0.0
     """Weight of the router z-loss, mean over tokens of logsumexp(router logits)^2 (ST-MoE: 1e-3)."""
     tie_embeddings: bool | None = None

@@ -42,6 +42,7 @@ every layout.
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import torch
 import torch.distributed as dist
@@ -204,6 +205,11 @@ class MoE(nn.Module):
         # the ranks holding parts of the same sequences: their token counts make the micro batch's
         self.token_groups = [g for g in (tp.group if tp.sequence_parallel else None, tp.context) if g is not None]
         self.aux_loss_scale = 1.0
+        # global-batch statistics (model.moe_aux_loss_statistics): the data-parallel group, the step's
+        # running (counts per expert, tokens), and what each forward used, for its recomputation
+        self.batch_group: dist.ProcessGroup | None = None
+        self.step_statistics: torch.Tensor | None = None
+        self.replay: deque[tuple[torch.Tensor, torch.Tensor]] = deque()
         self.stats: dict[str, torch.Tensor] = {}
         self.bias_rate = cfg.moe_bias_update_rate
         if self.bias_rate > 0:  # DeepSeek-V3's auxiliary-loss-free balancing (update_expert_bias)
@@ -242,7 +248,10 @@ class MoE(nn.Module):
             probs = logits.softmax(-1) if cfg.moe_score == "softmax" else logits.sigmoid()
             if cfg.moe_score == "sigmoid":
                 probs = probs / (probs.sum(-1, keepdim=True) + 1e-20)
-            part = (counts.float() * probs.sum(0)).sum() * (e / (k * tokens * tokens))
+            routed, seen = counts, tokens  # f_e = routed_e / seen
+            if cfg.moe_aux_loss_statistics == "global_batch":
+                routed, seen = self._global_batch(counts, tokens)
+            part = (routed.float() * probs.sum(0)).sum() * (e / (k * tokens * seen.float()))
             total = total + cfg.moe_aux_loss_coeff * part
             values["aux_loss"] = part.detach()
         if cfg.moe_z_loss_coeff > 0:
@@ -254,6 +263,19 @@ class MoE(nn.Module):
             if self.bias_rate > 0:
                 self.step_counts += counts
         return total if values else None
+
+    def _global_batch(self, counts: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's (counts per expert, tokens) so far over every data-parallel rank, this micro batch
+        included; a recomputation gets what its forward got (in forward order: 1F1B recomputes in the
+        order it ran the forwards)."""
+        if recomputing():
+            return self.replay.popleft()
+        now = _sum_over(torch.cat([counts.double(), tokens.double().view(1)]), self.batch_group)
+        self.step_statistics = now if self.step_statistics is None else self.step_statistics + now
+        used = (self.step_statistics[:-1].clone(), self.step_statistics[-1].clone())
+        if self.cfg.activation_checkpointing:
+            self.replay.append(used)
+        return used
 
     def _record(self, counts: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
         """Add this forward's global counts and this rank's loss parts to `stats` (summed over the
@@ -412,6 +434,19 @@ def update_expert_bias(model: nn.Module, data_group: dist.ProcessGroup | None) -
     for layer, c in zip(layers, counts.double(), strict=True):
         layer.expert_bias_steps += torch.sign(c.mean() - c).long()
         layer.step_counts.zero_()
+
+
+def set_batch_group(model: nn.Module, group: dist.ProcessGroup | None) -> None:
+    """The data-parallel group whose micro batches global-batch statistics count (every MoE layer)."""
+    for _, layer in moe_layers(model):
+        layer.batch_group = group
+
+
+def end_step_statistics(model: nn.Module) -> None:
+    """After an optimizer step: the global-batch statistics start again (every MoE layer)."""
+    for _, layer in moe_layers(model):
+        layer.step_statistics = None
+        layer.replay.clear()
 
 
 def set_aux_loss_scale(model: nn.Module, scale: float) -> None:

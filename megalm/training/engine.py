@@ -19,7 +19,7 @@ from megalm import seams
 from megalm.config import Config
 from megalm.errors import MegalmError
 from megalm.model.gpt import GPT
-from megalm.model.moe import MoE, expert_group_name, set_aux_loss_scale
+from megalm.model.moe import MoE, expert_group_name, set_aux_loss_scale, set_batch_group
 from megalm.parallel.context import TensorParallel
 from megalm.parallel.dims import ParallelDims
 from megalm.parallel.groups import DeepSpeedMPU, ProcessGroups
@@ -85,6 +85,7 @@ def build_engine(cfg: Config, groups: ProcessGroups, model: nn.Module, tp: Tenso
     if cfg.zero.stage == 3 and groups.dims.context > 1:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
         seams.partition_zero3_over(model, groups.data_context, ds_config, mpu, dtype)
+    set_batch_group(model, groups.data)  # model.moe_aux_loss_statistics=global_batch counts its micro batches
     experts = contextlib.nullcontext()
     if groups.dims.expert > 1:  # DeepSpeed reduces and partitions the experts over their own groups
         seams.register_expert_groups(expert_group_name(groups.dims.expert), groups.expert, groups.expert_data)

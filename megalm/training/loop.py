@@ -17,7 +17,7 @@ from megalm.convert.universal import UniversalCheckpoint
 from megalm.errors import MegalmError
 from megalm.inference.harness import check_tasks, run_tasks, task_scalars
 from megalm.inference.load import TextCodec
-from megalm.model.moe import moe_metrics, update_expert_bias
+from megalm.model.moe import end_step_statistics, moe_metrics, update_expert_bias
 from megalm.parallel.dims import ParallelDims
 from megalm.parallel.launch_env import discover
 from megalm.training import checkpoint as ckpt
@@ -210,7 +210,9 @@ def train_step(rt: Runtime, batches: Iterator, watchdog: StepWatchdog | None = N
 
 
 def _after_step(rt: Runtime, phase: Callable[[str], None]) -> None:
-    """What follows the optimizer step: the MoE expert bias moves (model.moe_bias_update_rate)."""
+    """What follows the optimizer step: the MoE expert bias moves (model.moe_bias_update_rate), the
+    global-batch balancing statistics start again (model.moe_aux_loss_statistics)."""
+    end_step_statistics(rt.engine.ds.module)
     if rt.cfg.model.moe_bias_update_rate > 0:
         phase("the expert-bias update")
         update_expert_bias(rt.engine.ds.module, rt.groups.data)

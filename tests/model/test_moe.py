@@ -109,6 +109,76 @@ def test_the_auxiliary_losses_reach_the_router_as_their_definitions_say():
     assert abs(stats["z_loss"].item() - zloss.item()) < 1e-4
 
 
+def test_global_batch_statistics_count_the_steps_micro_batches_so_far():
+    # model.moe_aux_loss_statistics=global_batch: the second micro batch's switch loss takes f_e from
+    # both micro batches' tokens (one process: the data-parallel group is this rank); a new step starts over
+    from megalm.model.moe import end_step_statistics
+
+    moe = layer(small(moe_aux_loss_coeff=1.0, moe_aux_loss_statistics="global_batch"))
+    moe.train()
+    x1, x2 = torch.randn(2, 5, 32), torch.randn(3, 4, 32)
+    logits1, logits2 = (x.reshape(-1, 32) @ moe.router.weight.T for x in (x1, x2))
+    counts1, counts2 = (torch.bincount(lg.softmax(-1).topk(2).indices.reshape(-1), minlength=4).float()
+                        for lg in (logits1, logits2))
+    moe(x1)
+    moe.router.weight.grad = None
+    (moe(x2) * 0).sum().backward()  # the second micro batch's auxiliary loss alone
+    got = moe.router.weight.grad.clone()
+    f = (counts1 + counts2) / (logits1.size(0) + logits2.size(0))  # the step's tokens so far
+    expected = torch.autograd.grad(4 / 2 * (f * logits2.softmax(-1).mean(0)).sum(), moe.router.weight,
+                                   retain_graph=True)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-8)
+    micro = torch.autograd.grad(4 / 2 * (counts2 / logits2.size(0) * logits2.softmax(-1).mean(0)).sum(),
+                                moe.router.weight)[0]
+    assert (got - micro).abs().max() > 1e-3 * got.abs().max()  # not the micro batch's own statistics
+    end_step_statistics(moe)
+    moe.router.weight.grad = None
+    (moe(x2) * 0).sum().backward()  # a new step: its first micro batch alone
+    torch.testing.assert_close(moe.router.weight.grad, micro, rtol=1e-5, atol=1e-8)
+
+
+def _global_batch_rank() -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank r's router gradient from the switch loss alone, global-batch statistics over both ranks."""
+    import torch.distributed as dist
+
+    from megalm.model.moe import set_batch_group
+
+    moe = layer(small(moe_aux_loss_coeff=1.0, moe_aux_loss_statistics="global_batch"))
+    moe.train()
+    set_batch_group(moe, dist.new_group([0, 1]))
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(10 + dist.get_rank()))
+    (moe(x) * 0).sum().backward()
+    return moe.router.weight.grad, x
+
+
+def test_global_batch_statistics_count_every_data_parallel_ranks_tokens():
+    from megalm.testing.distributed import run_distributed_test
+
+    (g0, x0), (g1, x1) = run_distributed_test(_global_batch_rank, 2)
+    moe = layer(small())
+    logits = [x.reshape(-1, 32) @ moe.router.weight.T for x in (x0, x1)]
+    counts = sum(torch.bincount(lg.softmax(-1).topk(2).indices.reshape(-1), minlength=4).float() for lg in logits)
+    f = counts / 20  # both ranks' 10 tokens
+    for g, lg in zip((g0, g1), logits, strict=True):
+        expected = torch.autograd.grad(4 / 2 * (f * lg.softmax(-1).mean(0)).sum(), moe.router.weight, retain_graph=True)[0]
+        torch.testing.assert_close(g, expected, rtol=1e-5, atol=1e-8)
+
+
+def test_global_batch_statistics_replay_in_the_recomputation():
+    batches = torch.randint(0, 97, (2, 2, 16), generator=torch.Generator().manual_seed(3))
+    grads = []
+    for recompute in (False, True):
+        cfg = small(moe_aux_loss_coeff=0.1, moe_aux_loss_statistics="global_batch", activation_checkpointing=recompute)
+        model = GPT(cfg, TensorParallel.build(None))
+        model.train()
+        losses = [model(tokens, tokens) for tokens in batches]  # two forwards, then their backwards (as 1F1B)
+        for loss in losses:
+            loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+        assert all(not m.replay for _, m in moe_layers(model))  # every recomputation took what its forward used
+    assert all(torch.allclose(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7) for n in grads[0])
+
+
 def test_the_aux_loss_scale_is_the_gradient_the_losses_get():
     moe = layer(small(moe_aux_loss_coeff=1.0))
     moe.train()

@@ -99,3 +99,21 @@ def test_the_expert_bias_is_exact_at_every_layout_and_resumes(byte_shards, tmp_p
     resumed = step_losses(tmp_path)
     whole = run_layout(Layout(data=2, zero=1), MOE_TINY, constant)
     assert max(abs(resumed[s] - whole[s - 1]) / whole[s - 1] for s in range(6, 11)) <= FP32_RTOL
+
+
+def test_global_batch_statistics_are_the_same_at_every_layout_of_one_split(byte_shards):
+    # model.moe_aux_loss_statistics=global_batch counts the step's micro batches so far on every data-parallel
+    # rank: fixed data parallel 2 x 4 micro batches, any tensor / pipeline / context / expert layout, ZeRO
+    # stage or recomputation trains the same model; it is not the micro batch's own statistic
+    overrides = base(byte_shards, "model.moe_aux_loss_statistics=global_batch", "train.micro_batch_size=1")
+    reference = run_layout(Layout(data=2), MOE_TINY, overrides)
+    micro = run_layout(Layout(data=2), MOE_TINY, [*overrides, "model.moe_aux_loss_statistics=micro_batch"])
+    assert max_relative_difference(micro, reference) > 1e-4
+    layouts = [Layout(tensor=2, data=2, sequence_parallel=True), Layout(pipeline=2, data=2), Layout(context=2, data=2),
+               Layout(data=2, expert=2), Layout(data=2, zero=2)]
+    diffs = {layout.name: max_relative_difference(run_layout(layout, MOE_TINY, overrides), reference)
+             for layout in layouts}
+    recompute = Layout(tensor=2, pipeline=2, data=2, sequence_parallel=True)
+    diffs["recompute " + recompute.name] = max_relative_difference(
+        run_layout(recompute, MOE_TINY, [*overrides, "model.activation_checkpointing=true"]), reference)
+    assert all(d <= FP32_RTOL for d in diffs.values()), diffs
