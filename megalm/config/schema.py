@@ -233,6 +233,23 @@ class ZeroConfig:
 
 @dataclass(kw_only=True)
 class OptimizerConfig:
+    name: Literal["adamw", "muon"] = "adamw"
+    """adamw; or muon: Muon (momentum orthogonalised by Newton-Schulz) for the hidden matrices (attention
+    q, k, v and output, the MLP, each expert), AdamW with the keys below for embeddings, the output head,
+    norms and biases. The AdamW learning rate and weight decay carry over (optimizer.muon_update_rms).
+    A tensor-parallel matrix is orthogonalised whole (its shards gathered), a fused one per logical
+    matrix (q, k, v; gate, up): every layout takes the same step. zero.stage 0 for now. megalm/training/muon.py."""
+    muon_momentum: float = 0.95
+    """Muon: momentum of the gradient, m = momentum m + g."""
+    muon_nesterov: bool = True
+    """Muon: orthogonalise g + momentum m (Nesterov) rather than m."""
+    muon_ns_steps: int = 5
+    """Muon: Newton-Schulz iterations (at least 1)."""
+    muon_ns_coefficients: list[float] = field(default_factory=lambda: [3.4445, -4.7750, 2.0315])
+    """Muon: the quintic's (a, b, c), X <- a X + (b A + c A^2) X with A = X X^T (the reference implementation's)."""
+    muon_update_rms: float = 0.2
+    """Muon: the update is scaled by this x sqrt(max(rows, cols)) (Moonlight), AdamW's typical update RMS, so
+    that AdamW's learning rate and weight decay carry over."""
     lr: float = 3e-4
     """Peak learning rate."""
     min_lr: float = 3e-5

@@ -8,6 +8,7 @@ model's own derived defaults are filled when a ModelConfig is constructed.)
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -188,6 +189,25 @@ def _validate_batch(cfg: Config, world_size: int) -> None:
         t.steps = steps
 
 
+def _validate_muon(cfg: Config) -> None:
+    from megalm.config.schema import OptimizerConfig  # noqa: PLC0415 - the schema imports this module
+
+    o = cfg.optimizer
+    if o.name != "muon":
+        changed = [f.name for f in dataclasses.fields(o) if f.name.startswith("muon_")
+                   and getattr(o, f.name) != getattr(OptimizerConfig(), f.name)]
+        _check(not changed, f"optimizer.{changed[0] if changed else ''} is a Muon key but optimizer.name is {o.name}: "
+                            "set optimizer.name=muon, or remove it")
+        return
+    _check(isinstance(o.muon_ns_steps, int) and o.muon_ns_steps >= 1,
+           f"optimizer.muon_ns_steps must be at least 1, got {o.muon_ns_steps}")
+    _check(len(o.muon_ns_coefficients) == 3, "optimizer.muon_ns_coefficients must be the quintic's three numbers (a, b, c)")
+    _check(0 <= o.muon_momentum < 1 and o.muon_update_rms > 0,
+           "optimizer.muon_momentum must be in [0, 1) and optimizer.muon_update_rms positive")
+    _check(cfg.zero.stage == 0, f"optimizer.name=muon with zero.stage={cfg.zero.stage} is not supported yet: ZeRO 1-3 "
+                                "hand the optimizer flat partitions, not matrices; set zero.stage=0")
+
+
 def _validate_rest(cfg: Config) -> None:
     t, s, d, o = cfg.train, cfg.schedule, cfg.data, cfg.optimizer
     _check(0 <= s.warmup_steps <= t.steps, f"schedule.warmup_steps ({s.warmup_steps}) must be in 0..train.steps")
@@ -202,6 +222,7 @@ def _validate_rest(cfg: Config) -> None:
     _check(0 <= o.min_lr <= o.lr, f"optimizer.min_lr ({o.min_lr}) must be in 0..optimizer.lr ({o.lr})")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas must be two numbers in [0, 1)")
     _check(o.grad_clip >= 0 and o.weight_decay >= 0, "optimizer.grad_clip and weight_decay must not be negative")
+    _validate_muon(cfg)
     if d.tokenizer_type != "byte":
         _check(bool(d.tokenizer_model), f"data.tokenizer_type={d.tokenizer_type} needs data.tokenizer_model")
     parse_split(d.split)

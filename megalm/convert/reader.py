@@ -152,7 +152,8 @@ class _RankWeights:
         if self.zero is not None:
             return self.zero.step
         states = self._zero0_state()[2].get("state") if self.ckpt.pipeline == 1 else None
-        return float(next(iter(states.values()))["step"]) if states else 0.0
+        steps = [float(s["step"]) for s in (states or {}).values() if "step" in s]  # Muon's matrices keep none
+        return steps[0] if steps else 0.0
 
     def tensor(self, name: str, key: str) -> torch.Tensor:
         if self.zero is not None:

@@ -73,6 +73,10 @@ def convert_to_universal(checkpoint: str | Path, output: str | Path) -> Path:
     if src.pipeline > 1 and src.config.zero.stage == 0:
         raise MegalmError(f"{src.path}: a ZeRO-0 pipeline checkpoint keeps its optimizer state in a form megalm "
                           "does not convert; resume it at the same layout and save it with zero.stage=1")
+    if src.config.optimizer.name != "adamw":  # its momentum is not an Adam moment
+        raise MegalmError(f"{src.path} was trained with optimizer.name={src.config.optimizer.name}: universal "
+                          "checkpoints (and reshard) do not carry its state yet; resume it at its own layout, or "
+                          "convert with to-hf")
     reader = CheckpointReader(src)
     keys = reader.keys()
     states = ((name, {key: functools.partial(reader.full, name, key) for key in keys}) for name in reader.specs)
@@ -206,6 +210,9 @@ class UniversalCheckpoint:
         Adam moments and Adam's step (unless `moments` is False: a fresh optimizer), the learning-rate
         schedule and DeepSpeed's step counters; reseed the random streams for the step (the source's
         per-rank states belong to its own layout). Return where training stands."""
+        if moments and cfg.optimizer.name != "adamw":
+            raise MegalmError(f"a universal checkpoint carries Adam moments; optimizer.name={cfg.optimizer.name} resumes "
+                              "from its weights only: set checkpoint.reset_optimizer=true")
         tp_rank, tp, layers = engine.tp.rank, engine.tp.size, cfg.model.num_layers
         expert_rank, experts = engine.tp.expert_rank, engine.tp.expert_size
         params = list(engine.ds.module.named_parameters())

@@ -78,7 +78,7 @@ def build_engine(cfg: Config, groups: ProcessGroups, model: nn.Module, tp: Tenso
     # ZeRO-0 bf16/fp16: DeepSpeed's mixed-precision wrapper skips a step with a non-finite gradient norm
     stage = deepspeed_zero_stage(cfg, groups.dims.zero_shards, groups.dims.pipeline)
     ds_checks = stage == 0 and cfg.train.precision != "fp32"
-    optimizer = build_optimizer(model, cfg.optimizer, guard=not ds_checks)
+    optimizer = build_optimizer(model, cfg.optimizer, guard=not ds_checks, model_cfg=cfg.model, tensor_group=tp.group)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.optimizer, cfg.train.steps)
     pipeline = cfg.parallel.pipeline > 1
     ds_config, mpu = deepspeed_config(cfg), None if pipeline else DeepSpeedMPU(groups)  # a PipelineModule brings its own grid

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megalm.config import OptimizerConfig
+from megalm.config import ModelConfig, OptimizerConfig
 from megalm.model.gpt import Embedding, Head
 from megalm.model.moe import is_expert_parallel
 from megalm.parallel.groups import communication_device
@@ -53,6 +53,16 @@ def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def nonfinite_gradients(grads: list[torch.Tensor], group: dist.ProcessGroup | None) -> bool:
+    """Whether any gradient on any rank has a non-finite entry (one fused norm, a MAX all-reduce)."""
+    bad = torch.zeros(1, device=communication_device(group))
+    if grads:  # the norm of the gradients is finite exactly when every entry is
+        bad += (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).float().to(bad.device)
+    if dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
+    return bool(bad.item())
+
+
 class GuardedAdamW(torch.optim.AdamW):
     """torch AdamW that skips the whole update when any gradient on any rank is non-finite.
 
@@ -70,22 +80,23 @@ class GuardedAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch's signature
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        bad = torch.zeros(1, device=communication_device(self.guard_group))
-        if grads:  # one fused pass: the norm of the gradients is finite exactly when every entry is
-            bad += (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).float().to(bad.device)
-        if dist.is_initialized():
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.guard_group)
-        self.overflow = bool(bad.item())
+        self.overflow = nonfinite_gradients(grads, self.guard_group)
         if self.overflow:
             return None
         return super().step(closure)
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig, guard: bool = True) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, guard: bool = True, *, model_cfg: ModelConfig | None = None,
+                    tensor_group: dist.ProcessGroup | None = None) -> torch.optim.Optimizer:
     """torch's fused AdamW (one multi-tensor kernel on CUDA and CPU; nothing JIT-compiled, unlike
     DeepSpeed's FusedAdam, which builds a CUDA extension with nvcc on first use), guarded against
     non-finite gradients when `guard` (not needed under DeepSpeed's ZeRO-0 bf16/fp16 wrapper,
-    which skips a step whose gradient norm is not finite)."""
+    which skips a step whose gradient norm is not finite). optimizer.name=muon: megalm's Muon
+    (megalm.training.muon) over the same groups, its matrices gathered over `tensor_group`."""
     groups = param_groups(model, cfg)
+    if cfg.name == "muon":
+        from megalm.training.muon import Muon, muon_matrices  # noqa: PLC0415
+
+        return Muon(groups, cfg, muon_matrices(model, model_cfg), tensor_group, guard=guard)
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
     return GuardedAdamW(groups, **kwargs) if guard else torch.optim.AdamW(groups, **kwargs)

@@ -73,7 +73,8 @@ def test_expert_parallel_layouts_match_one_process_with_the_expert_bias(byte_sha
     overrides = base(byte_shards, "model.moe_aux_loss_coeff=0", "model.moe_z_loss_coeff=0", "model.family=none",
                      "model.moe_bias_update_rate=0.05")
     reference = run(REFERENCE, overrides)
-    layouts = [Layout(data=2, expert=2, zero=0), Layout(data=4, expert=4), Layout(data=4, expert=2, zero=2),
+    layouts = [Layout(data=2, expert=2, zero=0), Layout(data=4, expert=4), Layout(data=4, expert=2, zero=1),
+               Layout(data=4, expert=2, zero=2),
                Layout(tensor=2, data=2, expert=2, sequence_parallel=True), Layout(pipeline=2, data=2, expert=2),
                Layout(context=2, expert=2)]
     diffs = {layout.name: worst(run(layout, overrides), reference) for layout in layouts}

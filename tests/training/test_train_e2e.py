@@ -88,6 +88,13 @@ def test_user_errors_at_start_are_one_line(byte_shards, tmp_path):
           "zero.stage=3"], "parallel.expert=2 with zero.stage=3 is not supported"),
         ([f"data.train_prefixes=[{byte_shards}]", "parallel.expert=2"],
          "parallel.expert=2 needs a mixture of experts (model.moe_num_experts > 0)"),
+        # Muon (tests/training/test_muon.py runs it)
+        ([f"data.train_prefixes=[{byte_shards}]", "optimizer.muon_ns_steps=3"],
+         "optimizer.muon_ns_steps is a Muon key but optimizer.name is adamw"),
+        ([f"data.train_prefixes=[{byte_shards}]", "optimizer.name=muon", "zero.stage=0", "optimizer.muon_ns_steps=0"],
+         "optimizer.muon_ns_steps must be at least 1, got 0"),
+        ([f"data.train_prefixes=[{byte_shards}]", "optimizer.name=muon", "zero.stage=1"],
+         "optimizer.name=muon with zero.stage=1 is not supported yet"),
     ]
     for overrides, message in cases:
         if "fp16" in message and torch.cuda.is_available():
