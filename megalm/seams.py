@@ -8,7 +8,8 @@ DeepSpeed
     skip_op_build(name)                  mark an op incompatible (deepspeed.ops.__compatible_ops__)
                                          so DeepSpeed never tries its JIT build
     record_fp32_grad_norm(engine)        ZeRO-0 fp32 clips in `clip_fp32_gradients` and drops the norm:
-                                         keep it in `_global_grad_norm` for get_global_grad_norm()
+                                         clip by the whole model's norm (its own misses other pipeline
+                                         stages) and keep it in `_global_grad_norm`
     skip_gradient_allreduce(engine)      `enable_backward_allreduce = False` (one data rank, ZeRO-0)
     register_expert_groups(name, ..)     megalm's expert and expert-data groups as DeepSpeed's named
                                          ones (deepspeed.utils.groups), which its engine and ZeRO use
@@ -34,6 +35,8 @@ DeepSpeed
     zero0_optimizer_state(model_states)  the optimizer state a ZeRO-0 model-states file holds
     zero0_full_state(engine, param)      a parameter's fp32 master and moments at ZeRO-0 (the inverse
                                          of set_full_state)
+    zero_flat_groups(engine)             ZeRO-1/2's flat layout: each group's parameters, their offsets
+                                         in its flat vector, the partition size and the ranks sharing it
     ZeroPartitions.open(ckpt, mp)        the fp32 masters and Adam moments of one model-parallel rank
                                          in DeepSpeed's flat ZeRO 1-3 partitions (zero_to_fp32's layout),
                                          read one parameter at a time (its own reader merges whole
@@ -53,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import itertools
 import math
 import pickle
@@ -83,44 +87,47 @@ def skip_op_build(name: str) -> None:
 
 def record_fp32_grad_norm(engine: Any) -> None:
     """DeepSpeed's plain fp32 path (ZeRO-0) clips in `clip_fp32_gradients` but throws the norm
-    away: clip the same way (its clip_grad_norm_, over the mpu) and keep the norm for logging. With
-    expert-parallel parameters its clip_grad_norm_ averages the ranks' norms (each rank holds other
-    experts): their squares are summed over the expert group instead."""
-    from deepspeed.runtime.utils import clip_grad_norm_  # noqa: PLC0415 - heavy
+    away: clip by megalm's norm of the whole model's gradient (`_global_grad_norm`) and keep it for
+    logging. DeepSpeed's clip_grad_norm_ there counts a replicated tensor on model-parallel rank 0
+    only, and under a pipeline that rank is one stage's (the other stages' norms and biases were
+    missed), and it averages expert-parallel ranks' norms (each rank holds other experts)."""
     from deepspeed.utils import groups  # noqa: PLC0415 - heavy
 
     def clip_and_record() -> None:
         params = [p for p in engine.module.parameters() if p.grad is not None]
         experts = [p for p in params if getattr(p, "allreduce", True) is False]
-        if not experts:
-            norm = clip_grad_norm_(params, max_norm=engine.gradient_clipping(), mpu=engine.mpu)
-        else:
-            norm = _norm_with_experts(params, engine.mpu, groups._get_expert_parallel_group(experts[0].group_name))
-            coef = min(1.0, engine.gradient_clipping() / (norm + 1e-6)) if engine.gradient_clipping() > 0 else 1.0
-            for p in params:
-                p.grad.mul_(coef)
+        expert_group = groups._get_expert_parallel_group(experts[0].group_name) if experts else None
+        norm = _global_grad_norm(params, engine.mpu, expert_group)
+        coef = min(1.0, engine.gradient_clipping() / (norm + 1e-6)) if engine.gradient_clipping() > 0 else 1.0
+        for p in params:
+            p.grad.mul_(coef)
         engine._global_grad_norm = float(norm)
 
     engine.clip_fp32_gradients = clip_and_record
 
 
-def _norm_with_experts(params: list[torch.Tensor], mpu: Any, expert_group: Any) -> float:
-    """The L2 norm of every gradient of the model, each counted once: replicated tensors on the first
-    model-parallel rank, shards on each, experts summed over the expert group as well."""
+def _global_grad_norm(params: list[torch.Tensor], mpu: Any, expert_group: Any) -> float:
+    """The L2 norm of every gradient of the model, each counted once: a tensor-parallel shard on each
+    tensor rank, a replicated tensor on tensor rank 0 of its pipeline stage, a pipeline-tied copy (the
+    tied head on the last stage, `ds_pipe_replicated`) on its owner's stage only, routed experts
+    summed over the expert group as well; all summed over the model-parallel (pipeline x tensor) group."""
     import torch.distributed as dist  # noqa: PLC0415
 
     dense, experts = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-    first = mpu.get_model_parallel_rank() == 0
+    first = mpu.get_tensor_model_parallel_rank() == 0
     for p in params:
+        if getattr(p, "ds_pipe_replicated", False):
+            continue
         square = p.grad.detach().double().square().sum().cpu()
         if getattr(p, "allreduce", True) is False:
             experts += square
         elif first or getattr(p, "tensor_model_parallel", False):
             dense += square
-    dist.all_reduce(experts, group=expert_group)
+    if expert_group is not None:
+        dist.all_reduce(experts, group=expert_group)
     total = dense + experts
     dist.all_reduce(total, group=mpu.get_model_parallel_group())
-    return math.sqrt(total.item())
+    return float(total.sqrt())
 
 
 def skip_gradient_allreduce(engine: Any) -> None:
@@ -276,15 +283,17 @@ def _adam_state_for(opt: torch.optim.Optimizer, group: dict, p: torch.Tensor, st
 
 
 def prepare_optimizer_state(engine: Any, step: float) -> None:
-    """Give every tensor the optimizer updates an Adam state at `step` (DeepSpeed's ZeRO optimizers
-    create it lazily, at the first step) and link ZeRO-1/2's per-parameter fragments to it, so that
-    set_full_state can write a parameter's moments before training resumes."""
+    """Give every tensor the optimizer updates its state at `step` (DeepSpeed's ZeRO optimizers create
+    it lazily, at the first step): Adam's, or what the optimizer's own `init_state(group, tensor, step)`
+    makes (megalm's Muon); link ZeRO-1/2's per-parameter fragments to it, so that set_full_state can
+    write a parameter's moments before training resumes."""
     opt, inner = engine.optimizer, _inner_optimizer(engine)
+    init = getattr(inner, "init_state", functools.partial(_adam_state_for, inner))
     for group in inner.param_groups:
         for p in group["params"]:
-            _adam_state_for(inner, group, p, step)
+            init(group, p, step)
     for i, flat in enumerate(getattr(opt, "fp32_partitioned_groups_flat", [])):  # ZeRO-3: a sub-group is
-        _adam_state_for(inner, inner.param_groups[opt.sub_group_to_group_id[i]], flat, step)  # in a group only in step()
+        init(inner.param_groups[opt.sub_group_to_group_id[i]], flat, step)  # in a group only in step()
     lp_groups = getattr(opt, "bit16_groups", None) or getattr(opt, "bf16_groups", None)
     if lp_groups is not None:  # ZeRO-1/2 and the bf16 optimizer: one flat fp32 partition per group
         for group, lps in zip(inner.param_groups, lp_groups, strict=True):
@@ -294,7 +303,7 @@ def prepare_optimizer_state(engine: Any, step: float) -> None:
 
 
 def set_full_state(engine: Any, param: torch.nn.Parameter, values: dict[str, torch.Tensor]) -> None:
-    """Set `param`'s fp32 master ("fp32") and Adam moments ("exp_avg", "exp_avg_sq") from full
+    """Set `param`'s fp32 master ("fp32") and optimizer states (OPTIMIZER_KEYS) from full
     values of this rank's tensor-parallel shard, at any ZeRO stage (after prepare_optimizer_state)."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state  # noqa: PLC0415 - heavy
 
@@ -326,8 +335,30 @@ def zero0_full_state(engine: Any, param: torch.nn.Parameter) -> dict[str, torch.
     master = _zero0_master(engine, param)
     state = _inner_optimizer(engine).state.get(master, {})
     out = {"fp32": master.detach().float().clone()}
-    out.update({k: state[k].detach().clone() for k in ("exp_avg", "exp_avg_sq") if k in state})
+    out.update({k: state[k].detach().clone() for k in OPTIMIZER_KEYS[1:] if k in state})
     return out
+
+
+@dataclass(frozen=True)
+class FlatGroup:
+    """One optimizer group under ZeRO-1/2: the group's flat vector holds `params` at `offsets` (alignment
+    padding after each); rank r of `group` holds and updates elements [r n, (r + 1) n), n = `partition_numel`."""
+
+    params: list[torch.nn.Parameter]
+    offsets: list[int]
+    partition_numel: int
+    group: Any
+
+
+def zero_flat_groups(engine: Any) -> list[FlatGroup] | None:
+    """The flat layout of each of the optimizer's groups at ZeRO-1/2 (DeepSpeed's ZeRO optimizer, in
+    its groups' order); None at ZeRO-0 and ZeRO-3."""
+    opt = engine.optimizer
+    if not hasattr(opt, "round_robin_bit16_offsets") or not hasattr(opt, "single_partition_of_fp32_groups"):
+        return None
+    return [FlatGroup(list(ps), [int(o) for o in offs], int(n), g)
+            for ps, offs, n, g in zip(opt.round_robin_bit16_groups, opt.round_robin_bit16_offsets, opt.partition_size,
+                                      opt.real_dp_process_group, strict=True)]
 
 
 def load_deepspeed_file(path: Path) -> Any:
@@ -351,8 +382,9 @@ def _dp_rank(path: Path) -> int:
     return int(re.search(r"zero_pp_rank_(\d+)_", path.name).group(1))
 
 
-OPTIMIZER_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
-"""The per-parameter states a universal checkpoint carries: the fp32 master and Adam's two moments."""
+OPTIMIZER_KEYS = ("fp32", "exp_avg", "exp_avg_sq", "momentum_buffer")
+"""The per-parameter states a universal checkpoint carries: the fp32 master, and Adam's two moments or
+Muon's momentum (megalm.training.muon: its matrices'), whichever the parameter's optimizer keeps."""
 
 
 @dataclass(frozen=True)
@@ -380,7 +412,7 @@ class ZeroPartitions:
     slots: dict[str, _Slot]
     partition_numel: list[int]  # ZeRO-1/2: of each group; ZeRO-3: of each sub-group, on one rank
     step: float  # Adam's step count (0 before the first optimizer step)
-    has_moments: bool
+    group_keys: list[tuple[str, ...]]  # the optimizer states each group keeps (none before the first step)
     group_files: list[list[Path]] | None = None
     """ZeRO-1/2: the files holding each group's partitions, in partition order (an expert group's
     are those of the ranks holding the expert rank's experts)."""
@@ -408,16 +440,21 @@ class ZeroPartitions:
         shapes = load_deepspeed_file(model)["param_shapes"]
         paddings = first.get(c.PARAM_ALIGNMENT_PADDINGS)
         slots = _zero3_slots(shapes, world) if stage == 3 else _zero12_slots(shapes, paddings)
-        step = float(next(iter(base.values()))["step"]) if base else 0.0
+        step = next((float(s["step"]) for s in base.values() if "step" in s), 0.0)  # Muon's groups keep none
+        group_keys = [tuple(k for k in OPTIMIZER_KEYS[1:] if k in base.get(g, {})) for g in range(len(flat))]
         counts = first[c.PARTITION_COUNT] if isinstance(first[c.PARTITION_COUNT], list) else [world] * len(flat)
         group_files = [files if n == world else files[expert_rank::experts] for n in counts]
         if any(len(g) != n for g, n in zip(group_files, counts, strict=True)):
             raise MegalmError(f"{ckpt}: the optimizer partitions of model-parallel rank {mp} do not match "
                               f"parallel.expert={experts}: the checkpoint is incomplete or damaged")
-        return cls(files, stage, slots, [t.numel() for t in flat], step, bool(base), group_files)
+        return cls(files, stage, slots, [t.numel() for t in flat], step, group_keys, group_files)
 
     def names(self) -> list[str]:
         return list(self.slots)
+
+    def keys(self, name: str) -> tuple[str, ...]:
+        """The states parameter `name` has: "fp32", then its optimizer's (ZeRO-3: every group's alike)."""
+        return ("fp32", *self.group_keys[max(self.slots[name].group, 0)])
 
     def tensor(self, name: str, key: str) -> torch.Tensor:
         """The full (data-parallel merged) tensor of parameter `name` for `key` in OPTIMIZER_KEYS."""
@@ -448,7 +485,7 @@ class ZeroPartitions:
         if key == "fp32":
             return sd[c.SINGLE_PARTITION_OF_FP32_GROUPS if self.stage <= 2 else c.FP32_FLAT_GROUPS]
         state = sd[c.BASE_OPTIMIZER_STATE if self.stage <= 2 else c.OPTIMIZER_STATE_DICT]["state"]
-        return [state[g][key] for g in sorted(state)]
+        return [state[g].get(key) for g in sorted(state)]
 
 
 def _zero12_slots(shapes: list[dict], paddings: list[list[int]] | None) -> dict[str, _Slot]:

@@ -25,10 +25,19 @@ def test_benchmark_reports_throughput_mfu_and_hf_ratio():
     assert out["mfu"] == pytest.approx(out["tflops"] / 1.0) and out["mfu_megatron"] > out["mfu"]
     assert out["peak_source"] == "given or datasheet"
     assert 0 <= out["data_wait_fraction"] < 1  # a fraction of the step time (the figure: README, Performance)
+    assert out["optimizer"]["name"] == "adamw" and 0 < out["optimizer"]["fraction_of_step"] < 1
     assert out["speedup_vs_hf"] == pytest.approx(out["hf"]["median_step_s"] / out["median_step_s"])
     assert out["hf"]["precision"] == "bf16" and out["hf"]["variant"] == "eager"
     # both models train on the same random tokens from a random init: loss near ln(257) = 5.55
     assert abs(out["hf"]["final_loss"] - 5.55) < 0.5 and abs(out["final_loss"] - 5.55) < 0.5
+
+
+def test_benchmark_times_the_optimizer_step():
+    # issue 24: the torch optimizer's step (Muon's Newton-Schulz and gathers) as a share of the step
+    out = run_benchmark("--config", TINY, "--steps", "3", "--warmup", "1", "optimizer.name=muon", "zero.stage=0")
+    opt = out["optimizer"]
+    assert opt["name"] == "muon" and 0 < opt["fraction_of_step"] < 1
+    assert opt["median_step_s"] < out["median_step_s"]
 
 
 def test_benchmark_compares_a_qwen3_shape_with_transformers_qwen3():

@@ -108,8 +108,12 @@ CASES = {
         ["zero.stage=0", "train.precision=bf16"], ["zero.stage=1", "train.precision=bf16"]],
     2: [["zero.stage=1", "train.precision=fp32"], ["zero.stage=1", "train.precision=bf16"],
         ["zero.stage=1", "train.precision=fp32", "parallel.tensor=2"],
-        ["zero.stage=1", "train.precision=bf16", "parallel.context=2"]],  # ZeRO partitions over context too
+        ["zero.stage=1", "train.precision=bf16", "parallel.context=2"],  # ZeRO partitions over context too
+        ["zero.stage=2", "train.precision=fp32", "optimizer.name=muon", "parallel.tensor=2"]],
 }
+# Muon: its matrices keep one state (momentum) where Adam keeps two
+CASES[1] += [[*c, "optimizer.name=muon"] for c in CASES[1]]
+CASES[2] += [["zero.stage=1", "train.precision=bf16", "optimizer.name=muon"]]
 
 
 @pytest.mark.parametrize("world_size", sorted(CASES))
@@ -132,7 +136,8 @@ def test_expert_parallel_model_states_match_deepspeed():
     # states over the ranks holding the same experts (here one), the dense ones over both
     moe = str(ROOT / "configs" / "moe-tiny.yaml")
     cases = [[*BASE, f"zero.stage={z}", "train.precision=fp32", "parallel.expert=2", "model.family=none",
-              "train.global_batch_size=8"] for z in (0, 1)]  # as above: measure_rank reads ZeRO 0 and 1
+              "train.global_batch_size=8", *muon] for z in (0, 1)  # as above: measure_rank reads ZeRO 0 and 1
+             for muon in ([], ["optimizer.name=muon"])]
     measured = run_distributed_test(measure_cases, 2, args=(moe, cases), timeout=600, env={"DS_ACCELERATOR": "cpu"})
     for i, overrides in enumerate(cases):
         plan = make_plan(load_config(moe, overrides), 2)

@@ -223,6 +223,9 @@ def test_checkpoint_writes_and_collect_write_errors_on_a_real_engine(tmp_path):
         assert r["after"] == r["written"]
 
 
+ADAM_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
+
+
 def _optimizer_state_seams(run_dir: str, stage: int, precision: str) -> dict:
     """prepare_optimizer_state then set_full_state on two parameters, saved: what was set."""
     from megalm.training.startup import bootstrap
@@ -236,7 +239,7 @@ def _optimizer_state_seams(run_dir: str, stage: int, precision: str) -> dict:
     for name in ("embedding.word.weight", "blocks.1.mlp.fc2.weight"):
         p = params[name]
         shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
-        values[name] = {key: torch.randn(shape, generator=g).abs() for key in seams.OPTIMIZER_KEYS}
+        values[name] = {key: torch.randn(shape, generator=g).abs() for key in ADAM_KEYS}
         seams.set_full_state(ds, p, values[name])
     ds.save_checkpoint(run_dir, tag="t", save_latest=False)
     # ZeRO-0: the saved optimizer state is indexed in parameter-group order (the bf16 wrapper's
@@ -270,9 +273,9 @@ def test_set_full_state_lands_in_the_saved_checkpoint(tmp_path, stage, precision
             assert float(sd["state"][index]["step"]) == 3.0
         else:
             parts = seams.ZeroPartitions.open(ckpt, 0)
-            assert parts.has_moments and parts.step == 3.0
-            got = {key: parts.tensor(name, key) for key in seams.OPTIMIZER_KEYS}
-        for key in seams.OPTIMIZER_KEYS:
+            assert parts.keys(name) == ADAM_KEYS and parts.step == 3.0
+            got = {key: parts.tensor(name, key) for key in ADAM_KEYS}
+        for key in ADAM_KEYS:
             torch.testing.assert_close(got[key].float().view(want[key].shape), want[key], rtol=0, atol=0,
                                        msg=f"{name} {key}")
 
@@ -351,3 +354,32 @@ def test_expert_parallel_seams_on_a_real_engine(tmp_path):
     # the check deepspeed_sees_experts widens, and the checks dense_checkpoint_files turns off
     assert "isinstance(module, MoE)" in inspect.getsource(engine.DeepSpeedEngine._configure_distributed_model)
     assert "if self.has_moe_layers:" in inspect.getsource(engine.DeepSpeedEngine.save_checkpoint)
+
+
+def _flat_groups(stage: int) -> dict:
+    """zero_flat_groups of a ZeRO-1/2 engine on two data-parallel ranks, checked against its buffers."""
+    from megalm.training.startup import bootstrap
+
+    ds = bootstrap(load_config(TINY, [f"zero.stage={stage}", "train.precision=bf16", "optimizer.name=muon"])).engine.ds
+    layouts = seams.zero_flat_groups(ds)
+    opt, rank = ds.optimizer, torch.distributed.get_rank()
+    views, partitions = [], []
+    for i, layout in enumerate(layouts):
+        flat = opt.bit16_groups_flat[i]
+        # every parameter is the flat buffer's slice at its offset (same storage, same values)
+        views += [p.data_ptr() == flat[o:].data_ptr() and torch.equal(p.detach().reshape(-1), flat[o:o + p.numel()])
+                  for p, o in zip(layout.params, layout.offsets, strict=True)]
+        n = layout.partition_numel
+        partitions.append(torch.equal(opt.single_partition_of_fp32_groups[i].to(flat.dtype), flat[rank * n:(rank + 1) * n])
+                          and torch.distributed.get_world_size(layout.group) == 2)
+    return {"views": views, "partitions": partitions, "groups": len(layouts),
+            "zero0": seams.zero_flat_groups(bootstrap(load_config(TINY, ["zero.stage=0"])).engine.ds)}
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_flat_groups_is_the_flat_layout_zero_steps(stage):
+    # the layout megalm's Muon steps ZeRO 1/2's partitions by: each parameter where the offset says,
+    # this rank's partition the fp32 masters it updates (groups: Muon's matrices, the undecayed rest); none at ZeRO-0
+    for r in run_distributed_test(_flat_groups, 2, args=(stage,), env={"DS_ACCELERATOR": "cpu"}):
+        assert r["groups"] == 2 and all(r["views"]) and len(r["views"]) > 10 and all(r["partitions"]), r
+        assert r["zero0"] is None

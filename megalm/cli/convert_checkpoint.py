@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _layout_args(f)
     f.add_argument("--config", help="YAML whose non-model sections the run uses (default: megalm's defaults)")
     f.add_argument("--no-tokenizer", action="store_true", help="do not convert the tokenizer (set data.* yourself)")
-    r = sub.add_parser("reshard", help="change tensor/pipeline size (weights, Adam moments, step and data order kept)")
+    r = sub.add_parser("reshard", help="change tensor/pipeline size (weights, optimizer state, step and data order kept)")
     r.add_argument("--checkpoint", required=True, help="RUN_DIR, RUN_DIR/checkpoints or .../global_stepN")
     _layout_args(r)
     u = sub.add_parser("universal", help="any layout -> a universal checkpoint that resumes at any layout "

@@ -19,7 +19,8 @@ def format_plan(plan: Plan, name: str) -> str:
     lines = [
         f"{name} on {plan.world_size} GPUs: TP{plan.tensor}{sp}{cp} x PP{plan.pipeline} x DP{plan.data}{ep}{docs}, "
         f"ZeRO-{plan.zero_stage}{' (zero.stage 1/2 on one data-parallel rank)' if plan.zero_stage != plan.configured_zero_stage else ''}, "
-        f"{plan.precision}, activation checkpointing "
+        f"{plan.precision}, {plan.optimizer}{' (its matrices: one state, the momentum)' if plan.optimizer == 'muon' else ''}, "
+        "activation checkpointing "
         f"{'on' if plan.activation_checkpointing else 'off'}",
         f"batch: micro {plan.micro_batch_size} x accumulation {plan.grad_accum_steps} x DP {plan.data} = "
         f"{plan.global_batch_size} sequences of {plan.seq_len} = {plan.tokens_per_step:,} tokens/step",
@@ -33,7 +34,9 @@ def format_plan(plan: Plan, name: str) -> str:
     ]
     for s in plan.zero:
         mark = " <- this run" if s.stage == plan.zero_stage else ""
-        mark += "" if s.allowed else (" (not with pipeline > 1)" if plan.pipeline > 1 else " (not with parallel.expert > 1)")
+        why = ("pipeline > 1" if plan.pipeline > 1 else "optimizer.name=muon" if plan.optimizer == "muon"
+               else "parallel.expert > 1")
+        mark += "" if s.allowed else f" (not with {why})"
         opt = f"{s.optimizer / GIB:9.2f}" + ("*" if plan.offload_optimizer else " ")
         lines.append(f"  ZeRO-{s.stage}              {s.params / GIB:8.2f} {s.grads / GIB:8.2f} {opt}"
                      f"  {plan.activations / GIB:11.2f} {plan.rank_bytes(s.stage) / GIB:9.2f}{mark}")

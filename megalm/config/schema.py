@@ -238,7 +238,7 @@ class OptimizerConfig:
     q, k, v and output, the MLP, each expert), AdamW with the keys below for embeddings, the output head,
     norms and biases. The AdamW learning rate and weight decay carry over (optimizer.muon_update_rms).
     A tensor-parallel matrix is orthogonalised whole (its shards gathered), a fused one per logical
-    matrix (q, k, v; gate, up): every layout takes the same step. zero.stage 0 for now. megalm/training/muon.py."""
+    matrix (q, k, v; gate, up): every layout takes the same step, ZeRO 0-2 (ZeRO-3: refused). megalm/training/muon.py."""
     muon_momentum: float = 0.95
     """Muon: momentum of the gradient, m = momentum m + g."""
     muon_nesterov: bool = True

@@ -204,8 +204,8 @@ def _validate_muon(cfg: Config) -> None:
     _check(len(o.muon_ns_coefficients) == 3, "optimizer.muon_ns_coefficients must be the quintic's three numbers (a, b, c)")
     _check(0 <= o.muon_momentum < 1 and o.muon_update_rms > 0,
            "optimizer.muon_momentum must be in [0, 1) and optimizer.muon_update_rms positive")
-    _check(cfg.zero.stage == 0, f"optimizer.name=muon with zero.stage={cfg.zero.stage} is not supported yet: ZeRO 1-3 "
-                                "hand the optimizer flat partitions, not matrices; set zero.stage=0")
+    _check(cfg.zero.stage <= 2, "optimizer.name=muon with zero.stage=3 is not supported: ZeRO-3 hands the optimizer "
+                                "partitions of every parameter, and Muon needs whole matrices; use zero.stage 0, 1 or 2")
 
 
 def _validate_rest(cfg: Config) -> None:

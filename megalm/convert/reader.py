@@ -12,7 +12,7 @@ megalm's mpu and DeepSpeed's pipeline grid number them so), data-parallel rank d
     expert parallel E    routed experts: experts_ep{e}_mp_rank_{m}.pt   ZeRO 0: ["optimizer"] of that file; ZeRO 1/2:
                          (expert rank e's E / P of them)                the expert group's partitions of the ranks
                                                                         d with d % P == e (seams.ZeroPartitions)
-    universal            zero/<name>/{fp32,exp_avg,exp_avg_sq,step}.pt  (megalm.convert.universal)
+    universal            zero/<name>/{fp32,exp_avg,exp_avg_sq|momentum_buffer,step}.pt  (megalm.convert.universal)
                          buffers/<name>.pt (persistent buffers: the MoE expert bias)
 
 `CheckpointReader.full(name, key)` returns one parameter's full tensor: the fp32 masters are
@@ -48,6 +48,7 @@ from megalm.parallel.vocab import strip_vocab_padding
 from megalm.training import manifest
 from megalm.training.checkpoint import TAG_RE, older_checkpoints
 from megalm.training.checkpoint_meta import METADATA_FILE, CheckpointMeta
+from megalm.training.muon import muon_matrices
 from megalm.training.optimizer import param_groups
 
 
@@ -141,12 +142,19 @@ class _RankWeights:
             return list(states["module"] or {})
         return [n for group in states["param_shapes"] or [] for n in group]
 
-    def keys(self) -> tuple[str, ...]:
+    def keys(self, name: str) -> tuple[str, ...]:
+        """The states this rank's parameter `name` (its module's name) has: "fp32", then its optimizer's."""
         if self.zero is not None:
-            return seams.OPTIMIZER_KEYS if self.zero.has_moments else ("fp32",)
-        if self.ckpt.pipeline > 1:
-            return ("fp32",)
-        return seams.OPTIMIZER_KEYS if self._zero0_state()[2].get("state") else ("fp32",)
+            return self.zero.keys(name)
+        experts = self.routed_experts()
+        if name in experts.get("params", {}):
+            state = experts.get("optimizer", {}).get(name, {})
+        elif self.ckpt.pipeline > 1:
+            state = {}
+        else:
+            index, _, optim = self._zero0_state()
+            state = optim.get("state", {}).get(index.get(name), {})
+        return ("fp32", *(k for k in seams.OPTIMIZER_KEYS[1:] if k in state))
 
     def step(self) -> float:
         if self.zero is not None:
@@ -228,7 +236,8 @@ def optimizer_order(cfg: Config, experts: int = 1) -> list[list[str]]:
                 for p in module.parameters():
                     mark_expert_parallel(p, experts)
     names = {id(p): n for n, p in model.named_parameters()}
-    return [[names[id(p)] for p in group["params"]] for group in param_groups(model, cfg.optimizer)]
+    muon = set(muon_matrices(model, cfg.model)) if cfg.optimizer.name == "muon" else None  # as build_optimizer groups
+    return [[names[id(p)] for p in group["params"]] for group in param_groups(model, cfg.optimizer, muon)]
 
 
 class CheckpointReader:
@@ -270,12 +279,12 @@ class CheckpointReader:
             return "fp32 master weights (universal)"
         return " + ".join(sorted({r.source for r in self.ranks}))
 
-    def keys(self) -> tuple[str, ...]:
-        """The states every parameter has: fp32, and the Adam moments once the optimizer has stepped."""
+    def keys(self, name: str) -> tuple[str, ...]:
+        """The states GPT parameter `name` has: fp32, and once the optimizer has stepped its optimizer's
+        (Adam's two moments; Muon's momentum for Muon's matrices), on every rank holding a piece."""
         if self.universal:
-            first = next(iter(self.specs))
-            return tuple(k for k in seams.OPTIMIZER_KEYS if universal_state_file(self.ckpt.path, first, k).is_file())
-        common = set.intersection(*(set(r.keys()) for r in self.ranks))
+            return tuple(k for k in seams.OPTIMIZER_KEYS if universal_state_file(self.ckpt.path, name, k).is_file())
+        common = set.intersection(*(set(rank.keys(module_name)) for rank, module_name in self.where[name]))
         return tuple(k for k in seams.OPTIMIZER_KEYS if k in common)
 
     def step(self) -> float:
@@ -324,7 +333,7 @@ UNIVERSAL_STATE_DIR, UNIVERSAL_PARAM = "zero", "param"
 
 
 def universal_state_file(ckpt: Path, name: str, key: str) -> Path:
-    """Where a universal checkpoint keeps state `key` (fp32, exp_avg, exp_avg_sq, step) of `name`."""
+    """Where a universal checkpoint keeps state `key` (OPTIMIZER_KEYS, step) of `name`."""
     return ckpt / UNIVERSAL_STATE_DIR / name / f"{key}.pt"
 
 

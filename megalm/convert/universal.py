@@ -11,8 +11,9 @@ Layout (DeepSpeed's universal checkpoint layout and file format, megalm's GPT pa
       megalm.json                     CheckpointMeta, kind "universal" (the source's layout and position)
       config.yaml, tokenizer/         as in every megalm checkpoint
       zero/<name>/fp32.pt             {"param": tensor}: the full fp32 master, tensor size 1, the
-              exp_avg.pt, exp_avg_sq.pt  tokenizer's vocabulary rows (no padding); moments absent when
-              step.pt                    the source had no optimizer state (from-hf); step: Adam's count
+              exp_avg.pt, exp_avg_sq.pt  tokenizer's vocabulary rows (no padding); Adam's moments, or
+              momentum_buffer.pt         Muon's momentum for its matrices (optimizer.name=muon); absent
+              step.pt                    when the source had no optimizer state (from-hf); step: Adam's count
       buffers/<name>.pt               {"param": tensor}: persistent buffers (the MoE expert bias), megalm's
                                       addition (DeepSpeed's own loader knows parameters only)
 
@@ -73,13 +74,9 @@ def convert_to_universal(checkpoint: str | Path, output: str | Path) -> Path:
     if src.pipeline > 1 and src.config.zero.stage == 0:
         raise MegalmError(f"{src.path}: a ZeRO-0 pipeline checkpoint keeps its optimizer state in a form megalm "
                           "does not convert; resume it at the same layout and save it with zero.stage=1")
-    if src.config.optimizer.name != "adamw":  # its momentum is not an Adam moment
-        raise MegalmError(f"{src.path} was trained with optimizer.name={src.config.optimizer.name}: universal "
-                          "checkpoints (and reshard) do not carry its state yet; resume it at its own layout, or "
-                          "convert with to-hf")
     reader = CheckpointReader(src)
-    keys = reader.keys()
-    states = ((name, {key: functools.partial(reader.full, name, key) for key in keys}) for name in reader.specs)
+    states = ((name, {key: functools.partial(reader.full, name, key) for key in reader.keys(name)})
+              for name in reader.specs)
     return write_universal(output, src.meta, states, reader.step(), src.tokenizer().files(), reader.buffers())
 
 
@@ -88,7 +85,7 @@ def write_universal(
     states: Iterator[tuple[str, dict[str, torch.Tensor | Callable[[], torch.Tensor]]]], step: float,
     tokenizer_files: list[str], buffers: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write `states` (GPT name -> {"fp32", and optionally "exp_avg", "exp_avg_sq"}: a tensor, or a
+    """Write `states` (GPT name -> {"fp32", and optionally its optimizer's OPTIMIZER_KEYS}: a tensor, or a
     function reading it, called when its file is written, so memory holds one at a time) as a
     universal checkpoint at meta's step into `output` (a new directory); written as
     OUTPUT.partial, renamed last."""
@@ -179,12 +176,19 @@ class UniversalCheckpoint:
         if missing:
             raise MegalmError(f"{universal_buffer_file(self.path, missing[0])} is missing: the universal checkpoint "
                               "does not carry the model's buffers (converted by a megalm that did not keep them)")
-        moments = self.has(names[0], "exp_avg")
+        moments = self.has_optimizer_state()
         for name in names:
-            for key in ["fp32", "step", *(["exp_avg", "exp_avg_sq"] if moments else [])]:
+            adam = not self.has(name, "momentum_buffer")  # a Muon matrix keeps its momentum, the rest Adam's moments
+            for key in ["fp32", "step", *((["exp_avg", "exp_avg_sq"] if adam else ["momentum_buffer"]) if moments else [])]:
                 if not self.has(name, key):
                     raise MegalmError(f"{universal_state_file(self.path, name, key)} is missing: the universal "
                                       "checkpoint is incomplete")
+        if moments and not cfg.checkpoint.reset_optimizer:
+            self.meta.check_optimizer(cfg)
+
+    def has_optimizer_state(self) -> bool:
+        """Whether the source had optimizer state (the first parameter, the embedding, is Adam's in any run)."""
+        return self.has(next(iter(sharding_specs(self.meta.config.model))), "exp_avg")
 
     def weight_loader(self, cfg: Config) -> Callable[[nn.Module, ProcessGroups], None]:
         """bootstrap's prepare_model: copy each parameter's fp32 master (rounded to the model's dtype)
@@ -206,13 +210,11 @@ class UniversalCheckpoint:
         return load
 
     def load_optimizer(self, engine: Engine, cfg: Config, moments: bool = True) -> TrainState:
-        """Collective, after weight_loader and deepspeed.initialize: set every master exactly, both
-        Adam moments and Adam's step (unless `moments` is False: a fresh optimizer), the learning-rate
+        """Collective, after weight_loader and deepspeed.initialize: set every master exactly, its
+        optimizer's states (Adam's moments and step, Muon's momentum; unless `moments` is False: a
+        fresh optimizer; check_model has checked they are this run's optimizer's), the learning-rate
         schedule and DeepSpeed's step counters; reseed the random streams for the step (the source's
         per-rank states belong to its own layout). Return where training stands."""
-        if moments and cfg.optimizer.name != "adamw":
-            raise MegalmError(f"a universal checkpoint carries Adam moments; optimizer.name={cfg.optimizer.name} resumes "
-                              "from its weights only: set checkpoint.reset_optimizer=true")
         tp_rank, tp, layers = engine.tp.rank, engine.tp.size, cfg.model.num_layers
         expert_rank, experts = engine.tp.expert_rank, engine.tp.expert_size
         params = list(engine.ds.module.named_parameters())

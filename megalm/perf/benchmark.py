@@ -153,6 +153,24 @@ def profile_step(step: Callable[[], object], top: int = 30) -> dict:
     }
 
 
+def time_optimizer_steps(engine: Any) -> Callable[[], float]:
+    """Time every step of the torch optimizer inside DeepSpeed's engine (AdamW or megalm's Muon, with
+    Muon's gathers; not ZeRO's own copies and parameter all-gather around it), through torch's step
+    hooks; return a function giving the seconds spent so far."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    spent, started = [0.0], [0.0]
+
+    def pre(*_: Any) -> None:
+        started[0] = time.perf_counter()
+
+    def post(*_: Any) -> None:
+        spent[0] += time.perf_counter() - started[0]
+
+    inner.register_step_pre_hook(pre)
+    inner.register_step_post_hook(post)
+    return lambda: spent[0]
+
+
 def benchmark(cfg: Config, *, steps: int, warmup: int, compare_hf: str | None, peak_tflops: float,
               hf_precision: str = "bf16", profile: bool = False) -> dict:
     """Run warmup + steps training steps (interleaved with the transformers step when asked), then
@@ -163,12 +181,15 @@ def benchmark(cfg: Config, *, steps: int, warmup: int, compare_hf: str | None, p
     rt = bootstrap(cfg, data=bool(cfg.data.train_prefixes))
     batches = rt.data.train_batches(consumed_samples=0) if rt.data else synthetic_batches(cfg, rt.groups)
     hf = hf_step_fn(cfg, compare_hf == "compiled", hf_precision) if compare_hf else None
-    times, hf_times, waits, losses, hf_losses = [], [], [], [], []
+    times, hf_times, waits, losses, hf_losses, optimizer_times = [], [], [], [], [], []
+    optimizer_seconds = time_optimizer_steps(rt.engine.ds)
     before_steps = resident_gib()  # the model, its optimizer states and the libraries, before any step
     for i in range(warmup + steps):
-        t0 = time.perf_counter()
+        t0, spent = time.perf_counter(), optimizer_seconds()
         loss, wait, _ = train_step(rt, batches)
         seconds = time.perf_counter() - t0
+        if i >= warmup:
+            optimizer_times.append(optimizer_seconds() - spent)
         if hf is not None:
             t1 = time.perf_counter()
             hf_loss = hf(next(batches))
@@ -181,6 +202,8 @@ def benchmark(cfg: Config, *, steps: int, warmup: int, compare_hf: str | None, p
                 hf_times.append(hf_seconds)
                 hf_losses.append(hf_loss)
     result = _report(rt, times, waits, hf_times, losses, compare_hf, peak_tflops)
+    result["optimizer"] = {"name": cfg.optimizer.name, "median_step_s": statistics.median(optimizer_times),
+                           "fraction_of_step": sum(optimizer_times) / sum(times)}
     if profile:
         result["profile"] = profile_step(lambda: train_step(rt, batches))
     result["before_steps_gib"] = before_steps

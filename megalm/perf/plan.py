@@ -15,9 +15,12 @@ Model states follow ZeRO (Rajbhandari et al. 2020) as DeepSpeed implements it, i
     3       w Psi / N    w Psi / N   12 Psi / N
 
 except fp32 with ZeRO-0, where the weights are the master copy (optimizer 8 Psi). DeepSpeed's
-ZeRO 1-3 keep a separate fp32 master partition even in fp32 training, hence 12. Not counted:
-the transient fp32 gradient partition inside optimizer.step(), ZeRO-2/3 communication buckets
-(zero.reduce_bucket_size elements) and ZeRO-3's gathered layers.
+ZeRO 1-3 keep a separate fp32 master partition even in fp32 training, hence 12. Under
+optimizer.name=muon the hidden matrices (megalm.training.muon.muon_matrices, counted on the model
+built on the meta device) keep one state, the momentum (4 bytes, not Adam's 8), the rest Adam's.
+Not counted: the transient fp32 gradient partition inside optimizer.step(), ZeRO-2/3 communication
+buckets (zero.reduce_bucket_size elements), ZeRO-3's gathered layers, and Muon's per-step gathers
+(a matrix's tensor shards; under ZeRO 1/2 its group's fp32 update, one group at a time).
 
 Under context parallelism (C = parallel.context) a rank holds s / C tokens of every sequence:
 every activation below is per token of that chunk (Ulysses' all-to-all trades the sequence split
@@ -58,6 +61,7 @@ from megalm.training.ds_config import deepspeed_zero_stage
 GIB = 2**30
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 ADAM_BYTES = 8  # exp_avg and exp_avg_sq in fp32
+MUON_BYTES = 4  # Muon's momentum in fp32
 MASTER_BYTES = 4  # fp32 master copy
 
 
@@ -76,8 +80,10 @@ class ModelStates:
         return self.params + self.grads + self.optimizer
 
 
-def model_state_bytes(numel: int, precision: str, stage: int, data: int, allowed: bool = True) -> ModelStates:
-    """ZeRO's per-rank bytes (table in the module docstring) for `numel` parameters on this rank."""
+def model_state_bytes(numel: int, precision: str, stage: int, data: int, allowed: bool = True,
+                      state_bytes: int = ADAM_BYTES) -> ModelStates:
+    """ZeRO's per-rank bytes (table in the module docstring) for `numel` parameters on this rank whose
+    optimizer keeps `state_bytes` per element besides the master (Adam's two moments by default)."""
     w = WEIGHT_BYTES[precision]
     master = 0 if (precision == "fp32" and stage == 0) else MASTER_BYTES
 
@@ -88,7 +94,7 @@ def model_state_bytes(numel: int, precision: str, stage: int, data: int, allowed
         stage=stage,
         params=shard(w * numel, stage >= 3),
         grads=shard(w * numel, stage >= 2),
-        optimizer=shard((master + ADAM_BYTES) * numel, stage >= 1),
+        optimizer=shard((master + state_bytes) * numel, stage >= 1),
         allowed=allowed,
     )
 
@@ -98,6 +104,28 @@ def expert_layer_parameters(m: ModelConfig, tensor: int, expert: int = 1) -> lis
     E experts of 3 d f_e per MoE block, over tensor x expert."""
     per_block = m.moe_num_experts * 3 * m.hidden_size * m.moe_ffn_hidden_size
     return [0, *(per_block // (tensor * expert) if is_moe_layer(m, i) else 0 for i in range(m.num_layers)), 0, 0]
+
+
+def muon_layer_parameters(m: ModelConfig, tensor: int) -> list[int]:
+    """Elements one tensor rank holds of each pipeline layer (layer_parameters' order) in matrices
+    that take Muon, routed experts excepted (all of theirs do): q, k, v, output and MLP matrices, all
+    tensor-parallel; counted on the model built on the meta device, as training groups it."""
+    import torch  # noqa: PLC0415 - the planner stays light unless Muon is planned
+
+    from megalm.model.gpt import GPT  # noqa: PLC0415
+    from megalm.model.moe import GroupedExperts  # noqa: PLC0415
+    from megalm.parallel.context import TensorParallel  # noqa: PLC0415
+    from megalm.training.muon import muon_matrices  # noqa: PLC0415
+
+    with torch.device("meta"):
+        model = GPT(m, TensorParallel.build(None))
+    matrices = muon_matrices(model, m)
+    routed = {id(p) for mod in model.modules() if isinstance(mod, GroupedExperts) for p in mod.parameters()}
+    blocks = [0] * m.num_layers
+    for name, p in model.named_parameters():
+        if id(p) in matrices and id(p) not in routed:
+            blocks[int(name.split(".")[1])] += p.numel()  # blocks.<i>....
+    return [0, *(b // tensor for b in blocks), 0, 0]
 
 
 def layer_parameters(m: ModelConfig, tensor: int, pipeline: int, expert: int = 1) -> list[int]:
@@ -213,6 +241,7 @@ class Stage:
     num_blocks: int
     params: int  # elements on one tensor rank
     expert_params: int  # of which routed experts (ZeRO partitions them over data x context / expert)
+    muon_params: int  # of which other matrices taking Muon (optimizer.name=muon; else 0)
     moe_blocks: int
     in_flight: int  # micro batches whose activations 1F1B keeps at once: min(p - i, accumulation)
     activations: int  # bytes, with the configured activation checkpointing
@@ -257,6 +286,7 @@ def build_stages(cfg: Config) -> list[Stage]:
     m, p = cfg.model, cfg.parallel
     weights = layer_parameters(m, p.tensor, p.pipeline, p.expert)
     experts = expert_layer_parameters(m, p.tensor, p.expert)
+    muon = muon_layer_parameters(m, p.tensor) if cfg.optimizer.name == "muon" else [0] * len(weights)
     stages = []
     for i, layers in enumerate(partition_stages(weights, p.pipeline, p.pipeline_partition)):
         blocks = sum(1 for j in layers if 1 <= j <= m.num_layers)
@@ -264,7 +294,8 @@ def build_stages(cfg: Config) -> list[Stage]:
         last = i == p.pipeline - 1
         acts = {ck: stage_activations(cfg, blocks, in_flight, last, ck) for ck in (False, True)}
         moe = sum(1 for j in layers if 1 <= j <= m.num_layers and is_moe_layer(m, j - 1))
-        stages.append(Stage(i, layers, blocks, sum(weights[j] for j in layers), sum(experts[j] for j in layers), moe,
+        stages.append(Stage(i, layers, blocks, sum(weights[j] for j in layers), sum(experts[j] for j in layers),
+                            sum(muon[j] for j in layers), moe,
                             in_flight, acts[m.activation_checkpointing], acts[False], acts[True]))
     return stages
 
@@ -300,6 +331,7 @@ class Plan:
     configured_zero_stage: int
     offload_optimizer: bool
     precision: str
+    optimizer: str  # optimizer.name
     activation_checkpointing: bool
     micro_batch_size: int
     grad_accum_steps: int
@@ -354,14 +386,20 @@ def make_plan(cfg: Config, world_size: int, mfu: float = 0.4, peak_tflops: float
     shards = data * p.context  # ZeRO partitions over data x context
 
     def states(stage: Stage) -> list[ModelStates]:
-        """Dense parameters partitioned over data x context, routed experts over its 1/E."""
+        """Dense parameters partitioned over data x context, routed experts over its 1/E; under Muon
+        its matrices with one state each."""
+        experts_state = MUON_BYTES if cfg.optimizer.name == "muon" else ADAM_BYTES
         out = []
         for z in range(4):
-            dense = model_state_bytes(stage.params - stage.expert_params, t.precision, z, shards, p.pipeline == 1 or z <= 1)
-            routed = model_state_bytes(stage.expert_params, t.precision, z, shards // p.expert)
-            allowed = dense.allowed and not (p.expert > 1 and z == 3)  # refused at start-up (config validation)
-            out.append(ModelStates(z, dense.params + routed.params, dense.grads + routed.grads,
-                                   dense.optimizer + routed.optimizer, allowed))
+            allowed = p.pipeline == 1 or z <= 1
+            parts = [model_state_bytes(stage.params - stage.expert_params - stage.muon_params, t.precision, z, shards,
+                                       allowed),
+                     model_state_bytes(stage.muon_params, t.precision, z, shards, state_bytes=MUON_BYTES),
+                     model_state_bytes(stage.expert_params, t.precision, z, shards // p.expert, state_bytes=experts_state)]
+            allowed = allowed and not (p.expert > 1 and z == 3)  # refused at start-up (config validation)
+            allowed = allowed and not (cfg.optimizer.name == "muon" and z == 3)
+            out.append(ModelStates(z, *(sum(getattr(s, k) for s in parts) for k in ("params", "grads", "optimizer")),
+                                   allowed))
         return out
 
     stages = build_stages(cfg)
@@ -376,7 +414,7 @@ def make_plan(cfg: Config, world_size: int, mfu: float = 0.4, peak_tflops: float
         document_mask=m.document_mask,
         sequence_parallel=p.sequence_parallel and p.tensor > 1, zero_stage=running,
         configured_zero_stage=cfg.zero.stage,
-        offload_optimizer=cfg.zero.offload_optimizer, precision=t.precision,
+        offload_optimizer=cfg.zero.offload_optimizer, precision=t.precision, optimizer=cfg.optimizer.name,
         activation_checkpointing=m.activation_checkpointing, micro_batch_size=t.micro_batch_size,
         grad_accum_steps=t.grad_accum_steps, global_batch_size=t.global_batch_size,
         seq_len=cfg.data.seq_len, tokens_per_step=tokens, steps=t.steps,

@@ -56,6 +56,7 @@ LAYOUTS = [
     Layout(pipeline=2, data=2), Layout(tensor=2, pipeline=2, data=2),
     Layout(tensor=2, sequence_parallel=True), Layout(tensor=2, pipeline=2, sequence_parallel=True),
     Layout(tensor=2, pipeline=2, data=2, sequence_parallel=True),
+    Layout(pipeline=2, zero=0), Layout(tensor=2, pipeline=2, zero=0),  # clipped by the norm of every stage (seams)
 ]
 
 

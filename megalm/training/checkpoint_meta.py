@@ -66,6 +66,14 @@ class CheckpointMeta:
         return cls(dims=dims, state=state, tokenizer=dict(tokenizer), config_yaml=cfg.to_yaml(),
                    written_zero_stage=deepspeed_zero_stage(cfg, dims.zero_shards, dims.pipeline))
 
+    def check_optimizer(self, cfg: Config) -> None:
+        """One line when the checkpoint's optimizer state is another optimizer's than `cfg` resumes with
+        (AdamW's moments are not Muon's momentum, nor the reverse)."""
+        if self.config.optimizer.name != cfg.optimizer.name:
+            raise MegalmError(f"the checkpoint was written with optimizer.name={self.config.optimizer.name}, this run "
+                              f"has optimizer.name={cfg.optimizer.name}: their states differ; set "
+                              "checkpoint.reset_optimizer=true to start a fresh optimizer from its weights")
+
     @property
     def zero_stage(self) -> int:
         """The ZeRO stage of the checkpoint's DeepSpeed files."""

@@ -95,6 +95,8 @@ def build_engine(cfg: Config, groups: ProcessGroups, model: nn.Module, tp: Tenso
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu, dist_init_required=False,
         )
     seams.record_fp32_grad_norm(ds)
+    if hasattr(optimizer, "bind_flat_groups"):  # Muon under ZeRO 1/2 steps flat partitions
+        optimizer.bind_flat_groups(seams.zero_flat_groups(ds))
     if cfg.zero.stage == 3 and groups.dims.context > 1:
         seams.sum_zero3_gradients_over_context(ds, groups.dims.context)
     if not pipeline and stage == 0 and groups.dims.zero_shards == 1:

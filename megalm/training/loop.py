@@ -372,10 +372,8 @@ def _check_same_layout(checkpoint: Path, cfg: Config, dims: ParallelDims, load_o
     written, running = meta.zero_stage, deepspeed_zero_stage(cfg, dims.zero_shards, dims.pipeline)
     convert = (f"convert it: python tools/convert_checkpoint.py universal --checkpoint {checkpoint} --output U, "
                "then resume with checkpoint.load=U")
-    if meta.config.optimizer.name != cfg.optimizer.name and load_optimizer:
-        raise MegalmError(f"the checkpoint was written with optimizer.name={meta.config.optimizer.name}, this run has "
-                          f"optimizer.name={cfg.optimizer.name}: their states differ; set checkpoint.reset_optimizer=true "
-                          "to start a fresh optimizer from its weights")
+    if load_optimizer:
+        meta.check_optimizer(cfg)
     if saved.expert != dims.expert:
         raise MegalmError(f"the checkpoint was written at parallel.expert={saved.expert}, this run has "
                           f"parallel.expert={dims.expert}: {convert}")

@@ -12,6 +12,13 @@ A fused weight is orthogonalised per logical matrix (`LogicalSplit`): megalm's a
 v in one matrix, grouped by kv head, and its MLP gate and up in one; Moonlight and Megatron-core
 orthogonalise per projection, which is what the model would have with separate weights.
 
+Under ZeRO 1/2 DeepSpeed hands the optimizer one flat partition per group, slices of several matrices
+(`bind_flat_groups`, megalm.seams.zero_flat_groups: the layout). Muon's momentum is elementwise, so each
+rank keeps its partition's; the update needs whole matrices: each rank all-gathers its group's u over the
+ranks sharing the partitions (the group's bytes once per step, as ZeRO's own parameter all-gather),
+orthogonalises the matrices its partition touches (a matrix across a partition boundary on both ranks:
+DeepSpeed's choice too) and keeps its slice. A group is all Muon or all AdamW (megalm.training.optimizer).
+
 A tensor-parallel rank holds a shard of each matrix; orthogonalising the shard is not orthogonalising
 the matrix. `sharded_update` gathers the shards over the tensor group (all-gather: the matrix's bytes
 once per rank per step), orthogonalises the whole matrix (every tensor rank the same computation) and
@@ -39,6 +46,7 @@ from megalm.config import ModelConfig, OptimizerConfig
 from megalm.errors import MegalmError
 from megalm.parallel.layers import shard_tensor, unshard_tensor
 from megalm.parallel.mappings import group_rank, group_size
+from megalm.seams import FlatGroup
 from megalm.training.optimizer import nonfinite_gradients
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -172,7 +180,21 @@ class Muon(torch.optim.Optimizer):
                          for j, p in enumerate(g["params"]) if id(p) in matrices}
         if len(self.matrices) != len(matrices):
             raise MegalmError("Muon: some of the model's matrices are in no parameter group")
+        self.matrix_of = matrices
+        self.flat: dict[int, FlatGroup] = {}  # id(a ZeRO-1/2 flat partition) -> its layout
         self.overflow = False
+
+    def bind_flat_groups(self, layouts: list[FlatGroup] | None) -> None:
+        """Under ZeRO 1/2 (megalm.seams.zero_flat_groups, after deepspeed.initialize): each group's
+        parameter is now this rank's flat partition of the group's parameters, laid out as `layouts`."""
+        if layouts is None:
+            return
+        for group, layout in zip(self.param_groups, layouts, strict=True):
+            muon = [id(p) in self.matrix_of for p in layout.params]
+            if any(muon) != all(muon) or all(muon) != bool(group.get("muon")):
+                raise MegalmError(f"Muon: group {group.get('name')} mixes Muon matrices and AdamW parameters")
+            (flat,) = group["params"]
+            self.flat[id(flat)] = layout
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch's signature
@@ -185,6 +207,9 @@ class Muon(torch.optim.Optimizer):
             for j, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
+                if id(p) in self.flat:  # ZeRO 1/2 (which steps one group at a time: not by position)
+                    self._flat_muon(p, group) if group.get("muon") else self._adamw(p, group)
+                    continue
                 matrix, shape = self.matrices.get((i, j), (None, None))
                 if matrix is None:
                     self._adamw(p, group)
@@ -192,18 +217,54 @@ class Muon(torch.optim.Optimizer):
                 if tuple(p.shape) != shape:  # not the tensors it was built over: never AdamW on them silently
                     raise MegalmError(f"Muon: parameter {j} of group {i} has shape {tuple(p.shape)}, the matrix it "
                                       f"was built for {shape}: its groups were rearranged")
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
-                g, buf = p.grad.float(), state["momentum_buffer"]
-                buf.mul_(o.muon_momentum).add_(g)
-                u = g.add(buf, alpha=o.muon_momentum) if o.muon_nesterov else buf
-                update = sharded_update(u, matrix.split, self.tensor_group, matrix.dim, matrix.stride,
-                                        steps=o.muon_ns_steps, coefficients=tuple(o.muon_ns_coefficients),
-                                        rms=o.muon_update_rms)
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-group["lr"])
+                self._apply(p, group, self._update(self._momentum(p), matrix))
         return None
+
+    def _momentum(self, p: torch.Tensor) -> torch.Tensor:
+        """Move p's momentum buffer (elementwise: whole or a flat partition alike); the u to orthogonalise."""
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+        g, buf, mu = p.grad.float(), state["momentum_buffer"], self.cfg.muon_momentum
+        buf.mul_(mu).add_(g)
+        return g.add(buf, alpha=mu) if self.cfg.muon_nesterov else buf
+
+    def _update(self, u: torch.Tensor, matrix: MuonMatrix) -> torch.Tensor:
+        o = self.cfg
+        return sharded_update(u, matrix.split, self.tensor_group, matrix.dim, matrix.stride, steps=o.muon_ns_steps,
+                              coefficients=tuple(o.muon_ns_coefficients), rms=o.muon_update_rms)
+
+    @staticmethod
+    def _apply(p: torch.Tensor, group: dict, update: torch.Tensor) -> None:
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(update.to(p.dtype), alpha=-group["lr"])
+
+    def _flat_muon(self, flat: torch.Tensor, group: dict) -> None:
+        """Muon on this rank's ZeRO-1/2 partition `flat` of a group of Muon matrices (module docstring)."""
+        layout, u = self.flat[id(flat)], self._momentum(flat)
+        n, rank = layout.partition_numel, group_rank(layout.group)
+        parts = [torch.empty_like(u) for _ in range(group_size(layout.group))]
+        dist.all_gather(parts, u.contiguous(), group=layout.group) if len(parts) > 1 else parts[0].copy_(u)
+        whole, lo = torch.cat(parts), rank * n
+        update = torch.zeros_like(u)
+        for p, offset in zip(layout.params, layout.offsets, strict=True):  # the same order on every tensor rank
+            start, end = max(offset, lo), min(offset + p.numel(), lo + n)
+            if start < end:
+                matrix = self._update(whole[offset:offset + p.numel()].view(p.shape), self.matrix_of[id(p)])
+                update[start - lo:end - lo] = matrix.reshape(-1)[start - offset:end - offset]
+        self._apply(flat, group, update)
+
+    def init_state(self, group: dict, p: torch.Tensor, step: float) -> dict:
+        """p's state as its first step makes it (megalm.seams.prepare_optimizer_state, before a resume
+        writes it): a Muon group's momentum buffer, else AdamW's moments, at `step`."""
+        state = self.state[p]
+        if group.get("muon"):
+            state.setdefault("momentum_buffer", torch.zeros_like(p, dtype=torch.float32))
+            return state
+        state.setdefault("exp_avg", torch.zeros_like(p, memory_format=torch.preserve_format))
+        state.setdefault("exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
+        state["step"] = torch.tensor(float(step))
+        return state
 
     def _adamw(self, p: torch.Tensor, group: dict) -> None:
         """torch.optim.AdamW's update (amsgrad off), written out."""

@@ -4,7 +4,10 @@ Weight decay applies to matrices only: norms, biases (ndim < 2) and, unless
 `optimizer.decay_embeddings`, the token/position embeddings and the output head are not decayed
 (GPT-NeoX / Megatron practice). Under expert parallelism the experts' matrices form their own
 decayed group, marked as DeepSpeed wants an expert group ("moe": True, "name": the expert group's
-name), so that ZeRO partitions their states over the ranks holding the same experts.
+name), so that ZeRO partitions their states over the ranks holding the same experts. Under
+optimizer.name=muon the decayed matrices that take Muon form their own group ("muon": True, first),
+and the expert groups (all of their matrices take Muon) are marked Muon: a group is all Muon or all
+AdamW, which lets megalm's Muon step ZeRO 1/2's flat partitions (megalm.training.muon).
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ def embedding_parameters(model: nn.Module) -> set[int]:
     return found
 
 
-def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
+def param_groups(model: nn.Module, cfg: OptimizerConfig, muon: set[int] | None = None) -> list[dict]:
     """Split trainable parameters into a decayed and a non-decayed group, and the expert-parallel
-    experts' own group (empty groups dropped)."""
-    decay, no_decay, experts = [], [], {}
+    experts' own group (empty groups dropped); with `muon` (ids of the parameters taking Muon), those
+    of the decayed group in a group of their own, and the expert groups marked Muon."""
+    muon_decay, decay, no_decay, experts = [], [], [], {}
     embeddings = embedding_parameters(model)
     for p in model.parameters():
         if not p.requires_grad:
@@ -43,12 +47,17 @@ def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
             experts.setdefault(p.group_name, []).append(p)
         elif p.ndim < 2 or (id(p) in embeddings and not cfg.decay_embeddings):
             no_decay.append(p)
+        elif muon is not None and id(p) in muon:
+            muon_decay.append(p)
         else:
             decay.append(p)
+    marked = {"muon": True} if muon is not None else {}
     groups = [
+        {"params": muon_decay, "weight_decay": cfg.weight_decay, "name": "muon", "muon": True},
         {"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-        *({"params": ps, "weight_decay": cfg.weight_decay, "name": name, "moe": True} for name, ps in experts.items()),
+        *({"params": ps, "weight_decay": cfg.weight_decay, "name": name, "moe": True, **marked}
+          for name, ps in experts.items()),
     ]
     return [g for g in groups if g["params"]]
 
@@ -93,10 +102,11 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, guard: bool = True, 
     non-finite gradients when `guard` (not needed under DeepSpeed's ZeRO-0 bf16/fp16 wrapper,
     which skips a step whose gradient norm is not finite). optimizer.name=muon: megalm's Muon
     (megalm.training.muon) over the same groups, its matrices gathered over `tensor_group`."""
-    groups = param_groups(model, cfg)
     if cfg.name == "muon":
         from megalm.training.muon import Muon, muon_matrices  # noqa: PLC0415
 
-        return Muon(groups, cfg, muon_matrices(model, model_cfg), tensor_group, guard=guard)
+        matrices = muon_matrices(model, model_cfg)
+        return Muon(param_groups(model, cfg, set(matrices)), cfg, matrices, tensor_group, guard=guard)
+    groups = param_groups(model, cfg)
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
     return GuardedAdamW(groups, **kwargs) if guard else torch.optim.AdamW(groups, **kwargs)
