@@ -20,6 +20,8 @@ DeepSpeed
                                          files assume its own module names); megalm writes the experts
     set_progress(engine, step, samples)  `global_steps` / `global_samples`, saved in its checkpoint
     checkpoint_writes(engine, save)      route its checkpoint file writes through `save` (async saves)
+    checkpoint_reads(engine)             its checkpoint file reads through load_deepspeed_file (no pickle
+                                         that would run code is loaded when training resumes)
     collect_write_errors(engine)         record a failed write of its checkpoint engine instead of
                                          raising between its barriers (the other ranks would wait)
     partition_zero3_over(model, group, ..) ZeRO-3 under context parallelism: convert the parameters
@@ -218,6 +220,21 @@ def checkpoint_writes(engine: Any, save: Callable[..., Any]) -> Iterator[Callabl
         yield original
     finally:
         writer.save = original
+
+
+@contextlib.contextmanager
+def checkpoint_reads(engine: Any) -> Iterator[None]:
+    """Route DeepSpeed's checkpoint file reads (`engine.checkpoint_engine.load(path, map_location)`:
+    the model, optimizer, pipeline layer and expert files) through load_deepspeed_file while the
+    context lasts: weights_only=True with DeepSpeed's pickled types, memory-mapped, on the CPU (where
+    every load of its engine maps them: it moves what it keeps to the device itself)."""
+    reader = engine.checkpoint_engine
+    original = reader.load
+    reader.load = lambda path, map_location=None: load_deepspeed_file(Path(path))
+    try:
+        yield
+    finally:
+        reader.load = original
 
 
 @contextlib.contextmanager

@@ -68,7 +68,15 @@ def _engine_seams(run_dir: str) -> dict:
     seams.set_progress(ds, 7, 56)
     ds.save_checkpoint(run_dir, tag="t", save_latest=False)
     saved = seams.load_deepspeed_file(Path(run_dir) / "t" / "mp_rank_00_model_states.pt")
-    return {"recorded": ds.get_global_grad_norm(), "norm": norm,
+    # checkpoint_reads: DeepSpeed's own load of its files goes through load_deepspeed_file, then back
+    path = str(Path(run_dir) / "t" / "mp_rank_00_model_states.pt")
+    original = ds.checkpoint_engine.load
+    with seams.checkpoint_reads(ds):
+        through = ds.checkpoint_engine.load(path, map_location=torch.device("cpu"))
+        routed = ds.checkpoint_engine.load is not original
+    plain = original(path, map_location=torch.device("cpu"))
+    same = through.keys() == plain.keys() and all(torch.equal(through["module"][k], v) for k, v in plain["module"].items())
+    return {"recorded": ds.get_global_grad_norm(), "norm": norm, "reads": (routed, same, ds.checkpoint_engine.load == original),
             "allreduce_flag": ds.enable_backward_allreduce, "steps": saved["global_steps"],
             "samples": saved["global_samples"], "ds_version": deepspeed.__version__}
 
@@ -79,6 +87,7 @@ def test_engine_seams_on_a_real_engine(tmp_path):
     assert r["recorded"] == pytest.approx(r["norm"], rel=1e-6) and r["norm"] > 1e-2
     assert r["allreduce_flag"] is False  # skip_gradient_allreduce (its effect: no all-reduce ran)
     assert (r["steps"], r["samples"]) == (7, 56)  # set_progress lands in DeepSpeed's checkpoint
+    assert r["reads"] == (True, True, True)  # checkpoint_reads: its loads routed, the same contents, restored
 
 
 @pytest.mark.slow

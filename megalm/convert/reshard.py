@@ -9,6 +9,7 @@ overrides (e.g. zero.stage=1 when going from ZeRO-3 to a pipeline, which DeepSpe
 from __future__ import annotations
 
 import copy
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -33,9 +34,15 @@ def reshard(checkpoint: str | Path, output: str | Path, *, tensor: int, pipeline
         raw["train"]["global_batch_size"] = ckpt.config.train.global_batch_size
     cfg = config_from_dict(apply_overrides(raw, list(overrides)))
     files = ckpt.tokenizer().files()
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    if files:
-        cfg.data.tokenizer_model = copy_tokenizer_file(files[0], run_dir)
-    with tempfile.TemporaryDirectory(prefix=".megalm-universal-", dir=run_dir) as tmp:
-        universal = ckpt.path if ckpt.meta.kind == "universal" else convert_to_universal(ckpt.path, Path(tmp) / "u")
-        return write_checkpoint(cfg, universal, run_dir, tokenizer_files=files, data_parallel=data_parallel)
+    try:
+        if files:
+            cfg.data.tokenizer_model = copy_tokenizer_file(files[0], run_dir)
+        with tempfile.TemporaryDirectory(prefix=".megalm-universal-", dir=run_dir) as tmp:
+            universal = ckpt.path if ckpt.meta.kind == "universal" else convert_to_universal(ckpt.path, Path(tmp) / "u")
+            return write_checkpoint(cfg, universal, run_dir, tokenizer_files=files, data_parallel=data_parallel)
+    except BaseException:
+        if created:  # nothing of a failed reshard is left behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise

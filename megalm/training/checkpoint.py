@@ -30,8 +30,9 @@ Before anything loads a checkpoint its manifest is checked (sizes, and digests s
 ranks); a damaged one is named, with the newest intact one, and `checkpoint.fallback` lets
 checkpoint.load=auto resume from that one instead (`intact_checkpoint`).
 
-DeepSpeed reads its own files with torch.load(weights_only=False) (its checkpoint engine needs
-pickled optimizer objects); megalm's own files (RNG states) are loaded with weights_only=True.
+Every file is read with weights_only=True: DeepSpeed's through megalm.seams.checkpoint_reads (its
+own engine would unpickle anything, so a planted pickle would run its code on resume; megalm's
+allowlist of the types DeepSpeed pickles, memory-mapped), megalm's (RNG states, experts) directly.
 """
 
 from __future__ import annotations
@@ -416,7 +417,7 @@ def load_checkpoint(engine: Engine, root: Path, tag: str, *, load_optimizer: boo
     ckpt = root / tag
     if not ckpt.is_dir():
         raise MegalmError(f"checkpoint {ckpt} does not exist")
-    with seams.dense_checkpoint_files(engine.ds):
+    with seams.dense_checkpoint_files(engine.ds), seams.checkpoint_reads(engine.ds):
         path, client = engine.ds.load_checkpoint(
             str(root), tag=tag, load_optimizer_states=load_optimizer, load_lr_scheduler_states=True
         )

@@ -127,3 +127,48 @@ def test_deepspeed_objects_in_the_allowlist_load(tmp_path):
     (tmp_path / "cut.pt").write_bytes((tmp_path / "f.pt").read_bytes()[:200])
     with pytest.raises(MegalmError, match="cut.pt cannot be read .*damaged or truncated"):
         seams.load_deepspeed_file(tmp_path / "cut.pt")
+
+
+def test_a_planted_pickle_in_a_trained_checkpoint_runs_nothing_anywhere(byte_shards, tmp_path):
+    # issue 25: a real checkpoint whose model file carries a pickled os.system call, its manifest
+    # rewritten to match: training's resume, reshard, universal, to-hf, generate and evaluate each
+    # refuse it in the converters' one line, exit 2, and the command never runs
+    import torch
+
+    from megalm.training import manifest
+
+    run_dir = tmp_path / "run"
+    overrides = [f"data.train_prefixes=[{byte_shards}]", "train.steps=2", "train.global_batch_size=2",
+                 "train.micro_batch_size=1", "train.eval_interval=0", "logging.tensorboard=false",
+                 "checkpoint.save_at_end=true", f"train.run_dir={run_dir}"]
+    r = subprocess.run([sys.executable, "-m", "megalm.train", "--config", TINY, *overrides], cwd=REPO, env=train_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ckpt = run_dir / "checkpoints" / "global_step2"
+    model_file = ckpt / "mp_rank_00_model_states.pt"
+    marker = tmp_path / "code-ran"
+    state = torch.load(model_file, weights_only=False)  # the test's own file: trusted
+    state["payload"] = _RunsCode(marker)
+    torch.save(state, model_file)
+    manifest.record(ckpt)  # the manifest matches: only the unpickling can stop it
+    refusal = (f"error: {model_file} holds a pickled posix.system, which is not among the types DeepSpeed writes: "
+               "refusing to load it (unpickling it could run code)")
+    commands = {
+        "train": ["-m", "megalm.train", "--config", TINY, *overrides, "train.steps=4"],
+        "reshard": ["tools/convert_checkpoint.py", "reshard", "--checkpoint", str(run_dir), "--output",
+                    str(tmp_path / "resharded"), "--tp", "1", "--pp", "1"],
+        "universal": ["tools/convert_checkpoint.py", "universal", "--checkpoint", str(run_dir), "--output",
+                      str(tmp_path / "universal")],
+        "to-hf": ["tools/convert_checkpoint.py", "to-hf", "--checkpoint", str(run_dir), "--output", str(tmp_path / "hf")],
+        "generate": ["tools/generate.py", "--checkpoint", str(run_dir), "--prompt", "x"],
+        "evaluate": ["tools/evaluate.py", "--checkpoint", str(run_dir), "--data-prefix", byte_shards, "--max-tokens", "256"],
+    }
+    for name, command in commands.items():
+        r = subprocess.run([sys.executable, *command], cwd=REPO, env=train_env(), capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 2 and not marker.exists(), (name, r.returncode, r.stderr[-3000:])
+        assert r.stderr.strip().splitlines()[-1] == refusal, (name, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr, (name, r.stderr[-3000:])
+    assert [d for d in ("resharded", "universal", "hf") if (tmp_path / d).exists()] == []
+    assert max(s for s in (r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+                           if "loss" in r)) == 2  # training never went on

@@ -77,8 +77,9 @@ def finish(proc: subprocess.Popen, run_dir: Path, timeout: float = 300) -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [[], ["parallel.tensor=2", "model.dropout=0.1"],
-                                    ["parallel.context=2", "model.document_mask=true"]],
-                         ids=["dp2", "tp2-dropout", "cp2-document-mask"])
+                                    ["parallel.context=2", "model.document_mask=true"],
+                                    ["optimizer.name=muon", "zero.stage=1"]],
+                         ids=["dp2", "tp2-dropout", "cp2-document-mask", "dp2-muon-zero1"])
 def test_kill_9_then_resume_is_bit_identical(byte_shards, tmp_path, layout):
     # tp2-dropout: attention dropout draws from the tensor-parallel tracker, which the checkpoint keeps
     args = [*SLOW, "train.global_batch_size=32", "train.steps=12", "checkpoint.interval=6", *layout]
