@@ -178,10 +178,10 @@ def test_muon_trains_the_same_model_at_every_layout(byte_shards):
                    Layout(data=4, expert=2, zero=1), Layout(data=4, expert=2, zero=2)):
         diffs["moe " + layout.name] = max_relative_difference(run_layout(layout, moe, overrides), moe_reference)
     assert all(d <= 1e-5 for d in diffs.values()), diffs
-    # bf16 (DeepSpeed's ZeRO-0 wrapper steps fp32 copies, ZeRO-1 its fp32 partitions): the fp32 model within
-    # the bf16 tolerance of the parity tests
+    # bf16 with fp32 masters (ZeRO-1's partitions, on one rank too): the fp32 model within the bf16 tolerance of
+    # the parity tests (3e-4 here; AdamW 7e-4)
     bf16 = {layout.name: max_relative_difference(run_layout(layout, TINY, [*overrides, "train.precision=bf16"]), reference)
-            for layout in (ZERO0, Layout(data=2, zero=1))}
+            for layout in (Layout(zero=1), Layout(data=2, zero=1))}
     assert all(d <= 2e-2 for d in bf16.values()), bf16
 
 
