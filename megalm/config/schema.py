@@ -179,7 +179,18 @@ class DataConfig:
     tokenizer_model: str = ""
     """Path of the tokenizer file (empty for byte)."""
     train_prefixes: list[Any] = field(default_factory=list)
-    """Shard prefixes (PREFIX.bin/.idx), or [weight, prefix] pairs for a weighted blend."""
+    """Shard prefixes (PREFIX.bin/.idx), or [weight, prefix] pairs for a weighted blend: the training
+    mixture from step 0. Resumed with other weights, an added or a removed prefix, the mixture changes at
+    the resume step and every source continues from its own position (README "Changing the data
+    mid-run"); the validation split blends these prefixes with these weights."""
+    mixture_schedule: list[Any] = field(default_factory=list)
+    """Changes of the training mixture at given steps: [[step, [[weight, prefix], ...]], ...], steps
+    increasing; from that step on those prefixes with those weights (an absent prefix is no longer
+    drawn, a new one starts at its first sample). E.g. the last 10% of 1000 steps on a high-quality
+    source: [[900, [[0.2, web], [0.8, books]]]]. Checkpointed and resumable; metrics log the weights."""
+    accept_changed_data: bool = False
+    """Resume although a source's contents (its .idx, .bin size or sampled .bin), data.seq_len,
+    data.split or the tokenizer differ from what the checkpoint trained on (otherwise one line and exit)."""
     split: str = "98,1,1"
     """Train/validation/test split of each prefix's documents, as relative weights."""
     seq_len: int | None = None

@@ -232,6 +232,15 @@ def _validate_rest(cfg: Config) -> None:
             and isinstance(entry[0], (int, float)) and entry[0] > 0 and isinstance(entry[1], str)
         )
         _check(ok, f"data.train_prefixes[{i}] must be a prefix or a [weight, prefix] pair, got {entry!r}")
+    last = 0
+    for i, entry in enumerate(d.mixture_schedule):
+        ok = (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int) and last < entry[0]
+              and isinstance(entry[1], list) and len(entry[1]) > 0
+              and all(isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], (int, float)) and pair[0] > 0
+                      and isinstance(pair[1], str) for pair in entry[1]))
+        _check(ok, f"data.mixture_schedule[{i}] must be [step, [[weight, prefix], ...]] with positive weights and "
+                   f"a step after {last} (step 0 is data.train_prefixes; steps increasing), got {entry!r}")
+        last = entry[0]
     if not d.cache_dir:
         d.cache_dir = str(Path(t.run_dir) / "data_cache")
     _check(d.num_workers >= 0, "data.num_workers must not be negative")

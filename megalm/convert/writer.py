@@ -53,7 +53,7 @@ def _write_rank(cfg_yaml: str, universal: str, root: str, tokenizer_files: list[
     source = UniversalCheckpoint.open(Path(universal))
     rt = bootstrap(cfg, prepare_model=source.weight_loader(cfg))
     state = source.load_optimizer(rt.engine, cfg)
-    meta = CheckpointMeta.of_run(cfg, rt.dims, state, source.meta.tokenizer)
+    meta = CheckpointMeta.of_run(cfg, rt.dims, state, source.meta.tokenizer, source.meta.data)  # the data resumes on
     save_checkpoint(rt.engine, Path(root), meta, tokenizer_files, keep_last=0)
 
 

@@ -60,11 +60,16 @@ class CheckpointMeta:
     written_zero_stage: int | None = None
     """The ZeRO stage DeepSpeed wrote the files with (megalm.training.ds_config.deepspeed_zero_stage);
     None (metadata from before it was recorded): the config's zero.stage."""
+    data: dict[str, Any] | None = None
+    """What the run trained on (megalm.training.data.TrainData.checkpoint_state): the mixture plan,
+    each source's position and fingerprint, data.seq_len and data.split; None: not recorded (converted
+    from Hugging Face, or written before it was)."""
 
     @classmethod
-    def of_run(cls, cfg: Config, dims: ParallelDims, state: TrainState, tokenizer: dict[str, Any]) -> CheckpointMeta:
+    def of_run(cls, cfg: Config, dims: ParallelDims, state: TrainState, tokenizer: dict[str, Any],
+               data: dict[str, Any] | None = None) -> CheckpointMeta:
         return cls(dims=dims, state=state, tokenizer=dict(tokenizer), config_yaml=cfg.to_yaml(),
-                   written_zero_stage=deepspeed_zero_stage(cfg, dims.zero_shards, dims.pipeline))
+                   written_zero_stage=deepspeed_zero_stage(cfg, dims.zero_shards, dims.pipeline), data=data)
 
     def check_optimizer(self, cfg: Config) -> None:
         """One line when the checkpoint's optimizer state is another optimizer's than `cfg` resumes with
@@ -101,6 +106,7 @@ class CheckpointMeta:
             "step": s.step, "consumed_samples": s.consumed_samples, "skipped_steps": s.skipped_steps,
             "tokenizer": self.tokenizer, "config_yaml": self.config_yaml,
             **({} if self.written_zero_stage is None else {"zero_stage": self.written_zero_stage}),
+            **({} if self.data is None else {"data": self.data}),
         }
 
     @classmethod
@@ -124,6 +130,7 @@ class CheckpointMeta:
                 tokenizer=dict(raw["tokenizer"]), config_yaml=str(raw["config_yaml"]),
                 kind=raw["kind"], megalm_version=str(raw["megalm_version"]),
                 written_zero_stage=None if raw.get("zero_stage") is None else int(raw["zero_stage"]),
+                data=raw.get("data") if isinstance(raw.get("data"), dict) else None,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise MegalmError(f"{source}: metadata format {FORMAT_VERSION} with a missing or malformed "

@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 
 from megalm.config import Config
-from megalm.data.builder import build_datasets
+from megalm.data.builder import build_datasets, open_shards, parse_prefixes, token_weights
+from megalm.data.mixture import MixturePlan, ResumedData, check_unchanged, fingerprint, plan_mixture
 from megalm.data.meta import read_meta
 from megalm.data.packing import Collate
 from megalm.data.sampler import MegatronPretrainingSampler, build_dataloader
@@ -65,9 +66,15 @@ class TrainData:
     tokenizer: Any
     train: Any
     valid: Any
+    mixture: MixturePlan
+    fingerprints: dict[str, dict[str, Any]]
+    change: str | None = None
+    """The line a resume that changes the mixture says (megalm.data.mixture); None otherwise."""
 
     @classmethod
-    def build(cls, cfg: Config, groups: ProcessGroups) -> TrainData:
+    def build(cls, cfg: Config, groups: ProcessGroups, resumed: Any = None) -> TrainData:
+        """The run's data; `resumed` (the CheckpointMeta it resumes from) brings the mixture the
+        checkpoint trained on and what to check the data against."""
         d, t = cfg.data, cfg.train
         if not d.train_prefixes:
             raise MegalmError("data.train_prefixes is empty: give the shard prefixes written by "
@@ -78,15 +85,51 @@ class TrainData:
                               f"{cfg.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size}")
         if cfg.model.document_mask:
             check_documents_end_with_eod(tokenizer, d.train_prefixes)
+        weights, prefixes = parse_prefixes(d.train_prefixes)
+        default = dict(zip(prefixes, token_weights(open_shards(prefixes, tokenizer)), strict=True)) if weights is None else {}
+        past = None if resumed is None else ResumedData(resumed.state.step, resumed.state.consumed_samples, resumed.data or {})
+        mixture, change = plan_mixture(cfg, default, past)
+        fingerprints = {source: fingerprint(source) for source in mixture.sources}
+        if past is not None and past.state:  # a run's checkpoint (not one converted from Hugging Face)
+            check_unchanged(cfg, past, fingerprints, tokenizer.describe(), resumed.tokenizer)
         num_samples = (t.steps * t.global_batch_size, t.eval_steps * t.global_batch_size, 0)
         # rank 0 builds and caches the sample indices; the others then memory-map the cache
         datasets = None
         for turn in (0, 1):
             if (dist.get_rank() == 0) == (turn == 0):
-                datasets = build_datasets(d, tokenizer, t.seed, num_samples)
+                datasets = build_datasets(d, tokenizer, t.seed, num_samples, mixture)
             dist.barrier()
         train, valid, _ = datasets
-        return cls(cfg, groups, tokenizer, train, valid)
+        data = cls(cfg, groups, tokenizer, train, valid, mixture, fingerprints, change)
+        saved = (past.state.get("positions") or {}) if past is not None else {}
+        now = data.positions(past.consumed) if past is not None else {}
+        moved = {s: (n, now.get(s)) for s, n in saved.items() if now.get(s) != n}
+        if moved:  # the plan replays the checkpoint's phases: its positions are where they were recorded
+            raise MegalmError(f"the data mixture does not reproduce the checkpoint's positions {moved} (source: "
+                              "(recorded, rebuilt)): the checkpoint was written by another blend")
+        return data
+
+    def positions(self, consumed: int) -> dict[str, int]:
+        """Each source's position after `consumed` training samples: how many of its samples were drawn."""
+        if hasattr(self.train, "drawn"):
+            return {s: int(n) for s, n in zip(self._source_names(), self.train.drawn(consumed), strict=True)}
+        return {self.train.indexed.prefix: consumed}
+
+    def _source_names(self) -> list[str]:
+        """The prefix of each dataset the train blend draws from, in its order."""
+        return [ds.indexed.prefix for ds in self.train.datasets]
+
+    def checkpoint_state(self, consumed: int) -> dict[str, Any]:
+        """What a checkpoint records about the data (CheckpointMeta.data): the mixture plan, each
+        source's position and fingerprint, the sample length and the split."""
+        return {"mixture": self.mixture.to_dict(), "positions": self.positions(consumed),
+                "fingerprints": self.fingerprints, "seq_len": self.cfg.data.seq_len, "split": self.cfg.data.split}
+
+    def mixture_metrics(self, consumed: int) -> dict[str, float]:
+        """The weights the blend draws with at `consumed` (mixture/<source name>), when it blends."""
+        if len(self.mixture.sources) == 1:
+            return {}
+        return {f"mixture/{Path(s).name}": w for s, w in self.mixture.weights_at(consumed).items()}
 
     def _batches(self, dataset: Any, consumed: int, record: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if dataset is None or len(dataset) == 0:
@@ -117,12 +160,19 @@ class TrainData:
         return self._batches(self.valid, 0, record=False)
 
     def _record(self, ids: list[int]) -> None:
+        """logging.sample_ids: the blended sample ids of this rank's micro batch (sample_ids/), and for a
+        blend each one's (source, its sample) (sample_sources/)."""
         if self.groups.tensor_rank != 0 or self.groups.pipeline_rank != 0 or self.groups.context_rank != 0:
             return  # one record per data rank: the ranks of its model and sequence chunks read the same samples
-        out = Path(self.cfg.train.run_dir) / "sample_ids"
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / f"rank{dist.get_rank()}.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps([int(i) for i in ids]) + "\n")
+        run_dir = Path(self.cfg.train.run_dir)
+        records = {"sample_ids": [int(i) for i in ids]}
+        if hasattr(self.train, "source_of"):
+            names = self._source_names()
+            records["sample_sources"] = [[names[k], j] for k, j in map(self.train.source_of, ids)]
+        for folder, values in records.items():
+            (run_dir / folder).mkdir(parents=True, exist_ok=True)
+            with open(run_dir / folder / f"rank{dist.get_rank()}.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(values) + "\n")
 
     def tokenizer_info(self) -> dict[str, Any]:
         return self.tokenizer.describe()

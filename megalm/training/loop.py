@@ -27,6 +27,7 @@ from megalm.training.checkpoint_meta import CheckpointMeta, TrainState
 from megalm.training.ds_config import deepspeed_zero_stage
 from megalm.training.metrics import MetricsLogger, Throughput, device_peak_tflops, memory_gib
 from megalm.training.signals import PreemptionFlag
+from megalm.training.data import TrainData
 from megalm.training.startup import Runtime, bootstrap
 from megalm.training.stragglers import StragglerMonitor
 from megalm.training.watchdog import StepWatchdog
@@ -65,8 +66,11 @@ def setup(cfg: Config) -> Run:
         universal.check_model(cfg)
     if cfg.train.eval_tasks and cfg.train.eval_tasks_interval:  # before the model: names and data reachable
         check_tasks(cfg.train.eval_tasks, include_path=cfg.train.eval_tasks_include_path or None)
-    rt = bootstrap(cfg, data=True, announce=cfg.logging.console,
+    resumed = CheckpointMeta.read(target[0] / target[1]) if target is not None else None
+    rt = bootstrap(cfg, data=True, announce=cfg.logging.console, resumed=resumed,
                    prepare_model=universal.weight_loader(cfg) if universal else None)
+    if rt.data.change and dist.get_rank() == 0 and cfg.logging.console:
+        print(rt.data.change, flush=True)
     run_dir = Path(cfg.train.run_dir)
     rank0 = dist.get_rank() == 0
     if rank0:
@@ -306,6 +310,7 @@ def _log_step(run: Run, state: TrainState, loss: float, lr: float, seconds: floa
         "consumed_samples": state.consumed_samples,
         "skipped_steps": state.skipped_steps,
         **(moe_metrics(run.rt.engine.ds.module, run.rt.groups.data) if cfg.model.moe_num_experts else {}),
+        **run.rt.data.mixture_metrics(state.consumed_samples - cfg.train.global_batch_size),
     }
     run.logger.log(state.step, scalars)
 
@@ -316,7 +321,8 @@ def save(run: Run, state: TrainState) -> None:
     rt = run.rt
     t0 = time.perf_counter()
     finish_saving(run)
-    meta = CheckpointMeta.of_run(rt.cfg, rt.dims, state, rt.data.tokenizer_info())
+    meta = CheckpointMeta.of_run(rt.cfg, rt.dims, state, rt.data.tokenizer_info(),
+                                 rt.data.checkpoint_state(state.consumed_samples))
     args = (rt.engine, Path(rt.cfg.train.run_dir) / "checkpoints", meta, rt.data.tokenizer_files(),
             rt.cfg.checkpoint.keep_last)
     if run.writer is not None:
@@ -344,6 +350,8 @@ def _resume(run: Run) -> TrainState:
         # every rank hashes a share of the files against the manifest; all agree on the verdict
         tag, damaged = ckpt.intact_checkpoint(*target, fallback=_may_fall_back(cfg), check=manifest.check_together)
         _say_fallback(cfg, target, tag, damaged)
+        if tag != target[1]:  # passed over a damaged checkpoint: the data resumes from the older one too
+            rt.data = TrainData.build(cfg, rt.groups, CheckpointMeta.read(target[0] / tag))
         target = run.resume_from = (target[0], tag)
         _check_same_layout(target[0] / target[1], cfg, rt.dims, load_optimizer)
         state = ckpt.load_checkpoint(rt.engine, *target, load_optimizer=load_optimizer)

@@ -16,6 +16,7 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,12 +49,13 @@ class Runtime:
 
 def bootstrap(
     cfg: Config, *, data: bool = False, prepare_model: Callable[[nn.Module, ProcessGroups], None] | None = None,
-    announce: bool = False,
+    announce: bool = False, resumed: Any = None,
 ) -> Runtime:
     """Collective: start this rank and build its engine. `cfg` is validated in place against the
     launched world size. `data`: also open the training data (tokenizer, shards, sample indices).
     `prepare_model(model, groups)` runs before DeepSpeed takes the model (the checkpoint writer
-    copies converted weights in there). `announce` prints the rank's coordinates."""
+    copies converted weights in there). `announce` prints the rank's coordinates. `resumed`: the
+    CheckpointMeta training resumes from (the data continues its mixture, megalm.data.mixture)."""
     launch = init_distributed(timeout_minutes=cfg.parallel.init_timeout_minutes,
                               collective_timeout_minutes=cfg.parallel.collective_timeout_minutes)
     cfg.validate(launch.world_size)
@@ -68,7 +70,7 @@ def bootstrap(
               f"{context} tensor {c.tensor} ({device}, {torch.distributed.get_backend()})", flush=True)
     init_deepspeed_runtime(cfg.parallel.collective_timeout_minutes)
     torch.manual_seed(cfg.train.seed)  # equal on every rank: replicated dropout agrees across tensor ranks
-    train_data = TrainData.build(cfg, groups) if data else None
+    train_data = TrainData.build(cfg, groups, resumed) if data else None
     tp = TensorParallel.from_groups(groups, sequence_parallel=cfg.parallel.sequence_parallel, seed=cfg.train.seed)
     model = build_model(cfg, tp, groups.dims)
     if prepare_model is not None:

@@ -1,0 +1,130 @@
+"""Changing the data mixture mid-run (issue 25): per-source positions in the checkpoint, a mixture
+changed on resume or by data.mixture_schedule continues every source from its own position, and data
+that changed under a run is refused in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from megalm.testing.distributed import DistributedTestError, run_distributed_test
+from megalm.testing.parity import train_rank
+from megalm.testing.runs import TINY, read_metrics, step_losses
+
+
+@pytest.fixture(scope="module")
+def two_sources(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """Two byte-tokenized shards of different documents (the built-in corpus's halves)."""
+    from megalm.data.preprocess import preprocess
+    from megalm.data.stdlib_corpus import write_stdlib_corpus
+
+    d = tmp_path_factory.mktemp("sources")
+    lines = write_stdlib_corpus(d / "corpus.jsonl").read_text(encoding="utf-8").splitlines()
+    prefixes = []
+    for name, part in (("web", lines[::2]), ("books", lines[1::2])):
+        (d / f"{name}.jsonl").write_text("\n".join(part) + "\n", encoding="utf-8")
+        preprocess([str(d / f"{name}.jsonl")], "text", "byte", "", str(d / name), workers=1, progress=False)
+        prefixes.append(str(d / name))
+    return prefixes[0], prefixes[1]
+
+
+def base(run_dir: Path, *extra: str) -> list[str]:
+    return ["train.global_batch_size=4", "train.micro_batch_size=2", "train.precision=fp32", "logging.sample_ids=true",
+            "logging.tensorboard=false", "train.eval_interval=0", "train.log_interval=1", "schedule.kind=constant",
+            f"train.run_dir={run_dir}", *extra]
+
+
+def train(run_dir: Path, *extra: str, world: int = 2) -> None:
+    run_distributed_test(train_rank, world, args=(TINY, base(run_dir, *extra)), env={"DS_ACCELERATOR": "cpu"})
+
+
+def drawn(run_dir: Path) -> dict[str, list[int]]:
+    """Each source's sample numbers in the order the run drew them (data ranks interleaved per micro batch)."""
+    out: dict[str, list[int]] = {}
+    for f in sorted((run_dir / "sample_sources").glob("rank*.jsonl")):
+        for line in f.read_text().splitlines():
+            for source, j in json.loads(line):
+                out.setdefault(Path(source).name, []).append(j)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def checkpoint_data(run_dir: Path, step: int) -> dict:
+    return json.loads((run_dir / "checkpoints" / f"global_step{step}" / "megalm.json").read_text())["data"]
+
+
+def test_a_mixture_changed_on_resume_continues_every_source_from_its_position(two_sources, tmp_path):
+    web, books = two_sources
+    first = [f"data.train_prefixes=[[0.5,{web}],[0.5,{books}]]", "checkpoint.interval=6"]
+    run = tmp_path / "run"
+    train(run, *first, "train.steps=6")
+    saved = checkpoint_data(run, 6)
+    assert saved["positions"] == {web: 12, books: 12}  # 6 steps x 4 samples, half each
+    assert saved["mixture"] == {"sources": [web, books], "phases": [[0, [0.5, 0.5]]]}
+    # the same mixture resumed: bit-identical to the uninterrupted run (today's guarantee)
+    same, whole = tmp_path / "same", tmp_path / "whole"
+    train(whole, *first, "train.steps=12")
+    import shutil
+
+    shutil.copytree(run, same)
+    train(same, *first, "train.steps=12")
+    assert [step_losses(same)[s] for s in range(7, 13)] == [step_losses(whole)[s] for s in range(7, 13)]
+    # resumed with 0.9 / 0.1: each source continues where it stopped, nothing repeated or skipped
+    changed = [f"data.train_prefixes=[[0.9,{web}],[0.1,{books}]]", "checkpoint.interval=6"]
+    train(run, *changed, "train.steps=12")
+    seen = drawn(run)
+    assert seen["web"] == list(range(len(seen["web"]))) and seen["books"] == list(range(len(seen["books"])))
+    assert len(seen["web"]) == 12 + round(0.9 * 24) and len(seen["books"]) == 12 + round(0.1 * 24)
+    later = checkpoint_data(run, 12)
+    assert later["mixture"]["phases"] == [[0, [0.5, 0.5]], [24, [0.9, 0.1]]]
+    assert later["positions"] == {web: len(seen["web"]), books: len(seen["books"])}
+    weights = [r for r in read_metrics(run) if "mixture/web" in r]
+    assert weights[0]["mixture/web"] == 0.5 and weights[-1]["mixture/web"] == pytest.approx(0.9)
+    # reshard keeps what the data resumes on
+    from megalm.convert.reshard import reshard
+
+    reshard(run, tmp_path / "tp2", tensor=2, pipeline=1)
+    assert checkpoint_data(tmp_path / "tp2", 12) == later
+
+
+def test_a_mixture_schedule_switches_weights_at_its_step_and_resumes_exactly(two_sources, tmp_path):
+    # the last steps on books (an anneal): from step 4 the weights are 0.2 / 0.8; stopped at step 3 and
+    # resumed, the run equals the uninterrupted one; every source's samples continue in order
+    web, books = two_sources
+    mix = [f"data.train_prefixes=[[0.5,{web}],[0.5,{books}]]", f"data.mixture_schedule=[[4,[[0.2,{web}],[0.8,{books}]]]]"]
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    train(whole, *mix, "train.steps=8")
+    train(stopped, *mix, "train.steps=3", "checkpoint.save_at_end=true")
+    train(stopped, *mix, "train.steps=8")
+    assert [step_losses(stopped)[s] for s in range(4, 9)] == [step_losses(whole)[s] for s in range(4, 9)]
+    seen = drawn(whole)
+    assert seen["web"] == list(range(len(seen["web"]))) and seen["books"] == list(range(len(seen["books"])))
+    assert len(seen["books"]) == 8 + round(0.8 * 16)  # 4 steps at 0.5, 4 at 0.8 of 4 samples
+    logged = {r["step"]: r["mixture/books"] for r in read_metrics(whole) if "mixture/books" in r}
+    assert logged[4] == 0.5 and logged[5] == pytest.approx(0.8)  # the weights each step drew with
+
+
+def test_data_changed_under_a_run_is_one_line_unless_accepted(two_sources, tmp_path):
+    # a source re-preprocessed with other documents, or another data.seq_len: refused at resume in one
+    # line naming it and the key that accepts it; with the key the run goes on
+    from megalm.data.preprocess import preprocess
+
+    web, books = two_sources
+    source = tmp_path / "source"
+    (tmp_path / "a.jsonl").write_text(Path(web).with_suffix(".jsonl").read_text(encoding="utf-8"), encoding="utf-8")
+    preprocess([str(tmp_path / "a.jsonl")], "text", "byte", "", str(source), workers=1, progress=False)
+    mix = [f"data.train_prefixes=[[0.5,{source}],[0.5,{books}]]"]
+    run = tmp_path / "run"
+    train(run, *mix, "train.steps=2", "checkpoint.save_at_end=true")
+    lines = (tmp_path / "a.jsonl").read_text(encoding="utf-8").splitlines()
+    (tmp_path / "a.jsonl").write_text("\n".join(lines[: len(lines) // 2]) + "\n", encoding="utf-8")
+    preprocess([str(tmp_path / "a.jsonl")], "text", "byte", "", str(source), workers=1, progress=False)
+    for extra, message in (([], f"data source {source} changed since the checkpoint (bin_bytes differs)"),
+                           (["data.seq_len=32"], "data.seq_len is 32, the checkpoint trained with 64")):
+        with pytest.raises(DistributedTestError) as refused:
+            train(run, *mix, *extra, "train.steps=4")
+        assert message in str(refused.value) and "set data.accept_changed_data=true" in str(refused.value)
+    assert max(step_losses(run)) == 2
+    train(run, *mix, "train.steps=4", "data.accept_changed_data=true")
+    assert max(step_losses(run)) == 4
