@@ -89,6 +89,7 @@ class TrainData:
         default = dict(zip(prefixes, token_weights(open_shards(prefixes, tokenizer)), strict=True)) if weights is None else {}
         past = None if resumed is None else ResumedData(resumed.state.step, resumed.state.consumed_samples, resumed.data or {})
         mixture, change = plan_mixture(cfg, default, past)
+        open_shards([s for s in mixture.sources if s not in prefixes], tokenizer)  # present, of this tokenizer
         fingerprints = {source: fingerprint(source) for source in mixture.sources}
         if past is not None and past.state:  # a run's checkpoint (not one converted from Hugging Face)
             check_unchanged(cfg, past, fingerprints, tokenizer.describe(), resumed.tokenizer)

@@ -88,6 +88,9 @@ def test_user_errors_at_start_are_one_line(byte_shards, tmp_path):
           "zero.stage=3"], "parallel.expert=2 with zero.stage=3 is not supported"),
         ([f"data.train_prefixes=[{byte_shards}]", "parallel.expert=2"],
          "parallel.expert=2 needs a mixture of experts (model.moe_num_experts > 0)"),
+        # the mixture (tests/training/test_mixture.py runs it)
+        ([f"data.train_prefixes=[{byte_shards}]", f"data.mixture_schedule=[[2,[[1,{byte_shards}-gone]]]]"],
+         f"{byte_shards}-gone.idx: no such file"),
         # Muon (tests/training/test_muon.py runs it)
         ([f"data.train_prefixes=[{byte_shards}]", "optimizer.muon_ns_steps=3"],
          "optimizer.muon_ns_steps is a Muon key but optimizer.name is adamw"),
