@@ -117,7 +117,7 @@ def _chunk_loss(
     z: torch.Tensor, labels: torch.Tensor, start: int, group: dist.ProcessGroup | None,
     ignore_index: int, grad_scale: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(summed loss, d loss / d z or None) of one chunk of fp32 logits z (tokens, V / p), where
+    """(per-token loss, d loss / d z or None) of one chunk of fp32 logits z (tokens, V / p), where
     d loss / d z = (softmax - onehot(label)) * grad_scale (per token, 0 where ignored). Eager, z
     is overwritten in place; under torch.compile the same formulas are written without mutation,
     which inductor fuses into a few passes."""
@@ -133,7 +133,7 @@ def _chunk_loss(
     exp = torch.exp(z - m.unsqueeze(-1)) if compiling else z.sub_(m.unsqueeze(-1)).exp_()
     sum_exp = exp.sum(dim=-1)
     _all_reduce(sum_exp, group, dist.ReduceOp.SUM)
-    loss = (sum_exp.log() - target).masked_fill(ignored, 0.0).sum()
+    loss = (sum_exp.log() - target).masked_fill(ignored, 0.0)  # per token
     if grad_scale is None:
         return loss, None
     if compiling:
@@ -146,8 +146,10 @@ def _chunk_loss(
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, labels, group, vocab_size, ignore_index, chunk, need_grad, count_group):  # noqa: D102
-        # h (tokens, d); weight (V_pad / p, d); labels (tokens,) int64. Returns the mean loss.
+    def forward(ctx, h, weight, labels, group, vocab_size, ignore_index, chunk, need_grad, count_group,  # noqa: D102
+                token_losses):
+        # h (tokens, d); weight (V_pad / p, d); labels (tokens,) int64. Returns the mean loss; writes each
+        # token's loss into token_losses (tokens,) fp32 when given.
         per_rank = weight.size(0)
         start = group_rank(group) * per_rank
         pad_from = None if vocab_size is None or start + per_rank <= vocab_size else max(vocab_size - start, 0)
@@ -164,7 +166,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 z[:, pad_from:] = float("-inf")  # padding columns: no probability, no gradient
             loss, grad_z = _chunk_loss(z, labels[i:i + chunk], start, group, ignore_index,
                                        None if scale is None else scale[i:i + chunk])
-            total += loss
+            total += loss.sum()
+            if token_losses is not None:
+                token_losses[i:i + chunk] = loss
             if need_grad:
                 g = grad_z.to(h.dtype)
                 torch.mm(g, weight, out=grad_h[i:i + chunk])
@@ -181,7 +185,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):  # noqa: D102
         grad_h, grad_w = ctx.saved_tensors
         grad_w = torch.mul(grad_w, grad_loss, out=torch.empty_like(grad_w, dtype=ctx.weight_dtype))
-        return grad_h * grad_loss.to(grad_h.dtype), grad_w, None, None, None, None, None, None, None
+        return grad_h * grad_loss.to(grad_h.dtype), grad_w, None, None, None, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -193,8 +197,10 @@ def linear_cross_entropy(
     ignore_index: int = IGNORE_INDEX,
     chunk: int = 1024,
     count_group: dist.ProcessGroup | None = None,
+    token_losses: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean cross entropy of the logits h W^T, computed `chunk` tokens at a time (fp32 scalar).
+    """Mean cross entropy of the logits h W^T, computed `chunk` tokens at a time (fp32 scalar);
+    with `token_losses` (fp32, one per token of labels), each token's loss written there too.
 
     h: (batch, seq, d) hidden states already in the tensor region (copied in, or gathered from
     sequence shards: the caller's mapping reduces the partial gradient); weight: (V_pad / p, d),
@@ -205,5 +211,5 @@ def linear_cross_entropy(
     need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(
         h.reshape(-1, h.size(-1)), weight, labels.reshape(-1), group, vocab_size, ignore_index, chunk, need_grad,
-        count_group,
+        count_group, token_losses,
     )

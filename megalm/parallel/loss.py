@@ -23,8 +23,37 @@ from torch import nn
 from megalm.config import ModelConfig
 from megalm.parallel.context import TensorParallel
 from megalm.parallel.context_parallel import sum_partial_losses
-from megalm.parallel.cross_entropy import IGNORE_INDEX, linear_cross_entropy, vocab_parallel_cross_entropy
+from megalm.parallel.cross_entropy import (
+    IGNORE_INDEX,
+    linear_cross_entropy,
+    token_count,
+    vocab_parallel_cross_entropy,
+    vocab_parallel_cross_entropy_per_token,
+)
 from megalm.parallel.layers import column_parallel_input
+
+
+class SampleLosses:
+    """Each sample's summed token loss and label count in the last micro batch whose loss this rank
+    computed (detached, fp32), kept when `enabled`: the per-source training loss is made of them
+    (megalm.training.data). No extra forward: the loss functions compute per-token losses anyway."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.sums: torch.Tensor | None = None
+        self.tokens: torch.Tensor | None = None
+
+    def record(self, token_losses: torch.Tensor, labels: torch.Tensor) -> None:
+        """token_losses and labels (batch, seq) of this rank (its sequence chunk under context parallelism)."""
+        self.sums, self.tokens = token_losses.detach().sum(dim=1), (labels != IGNORE_INDEX).sum(dim=1)
+
+    def take(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        out = (self.sums, self.tokens)
+        self.sums = self.tokens = None
+        return out
+
+
+SAMPLE_LOSSES = SampleLosses()
 
 
 def head_loss(
@@ -33,8 +62,11 @@ def head_loss(
     """Mean loss of the output layer `weight` (V_pad / p, d) on the final hidden states h
     (batch, seq[/p], d), fused with the cross entropy cfg.loss_chunk_tokens tokens at a time."""
     x = column_parallel_input(h, tp.group, tp.sequence_parallel)
+    per_token = torch.empty(labels.shape, dtype=torch.float32, device=h.device) if SAMPLE_LOSSES.enabled else None
     loss = linear_cross_entropy(x, weight, labels, tp.group, cfg.vocab_size, IGNORE_INDEX, cfg.loss_chunk_tokens,
-                                count_group=tp.context)
+                                count_group=tp.context, token_losses=None if per_token is None else per_token.view(-1))
+    if per_token is not None:
+        SAMPLE_LOSSES.record(per_token, labels)
     return sum_partial_losses(loss, tp.context)
 
 
@@ -56,5 +88,10 @@ class GPTLoss:
         self.vocab_size, self.group, self.context = cfg.vocab_size, tp.group, tp.context
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = vocab_parallel_cross_entropy(logits, labels, self.group, self.vocab_size, IGNORE_INDEX, self.context)
+        if SAMPLE_LOSSES.enabled:  # vocab_parallel_cross_entropy, its per-token losses kept
+            per_token = vocab_parallel_cross_entropy_per_token(logits, labels, self.group, self.vocab_size, IGNORE_INDEX)
+            SAMPLE_LOSSES.record(per_token, labels)
+            loss = per_token.sum() / token_count(labels, IGNORE_INDEX, self.context)
+        else:
+            loss = vocab_parallel_cross_entropy(logits, labels, self.group, self.vocab_size, IGNORE_INDEX, self.context)
         return sum_partial_losses(loss, self.context)

@@ -25,7 +25,8 @@ from megalm.data.packing import Collate
 from megalm.data.sampler import MegatronPretrainingSampler, build_dataloader
 from megalm.data.tokenizer import build_tokenizer
 from megalm.errors import MegalmError
-from megalm.parallel.groups import ProcessGroups
+from megalm.parallel.groups import ProcessGroups, communication_device
+from megalm.parallel.loss import SAMPLE_LOSSES
 
 
 class _RecordingSampler:
@@ -70,6 +71,9 @@ class TrainData:
     fingerprints: dict[str, dict[str, Any]]
     change: str | None = None
     """The line a resume that changes the mixture says (megalm.data.mixture); None otherwise."""
+    source_losses_sum: torch.Tensor | None = None
+    """Per source: summed token loss and tokens since the last log line (a blend only; this rank's part)."""
+    _pending_sources: torch.Tensor | None = None  # the source of each sample of the micro batch last yielded
 
     @classmethod
     def build(cls, cfg: Config, groups: ProcessGroups, resumed: Any = None) -> TrainData:
@@ -132,7 +136,10 @@ class TrainData:
             return {}
         return {f"mixture/{Path(s).name}": w for s, w in self.mixture.weights_at(consumed).items()}
 
-    def _batches(self, dataset: Any, consumed: int, record: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(self, dataset: Any, consumed: int, record: bool,
+                 sources: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's micro batches from `consumed` on; `record`: logging.sample_ids; `sources`: each
+        batch's sample sources kept for the per-source loss (`add_sample_losses`)."""
         if dataset is None or len(dataset) == 0:
             raise MegalmError("the validation split is empty: give it documents (data.split) or set "
                               "train.eval_interval=0")
@@ -141,12 +148,45 @@ class TrainData:
             micro_batch_size=self.cfg.train.micro_batch_size,
             data_rank=self.groups.data_rank, data_size=self.groups.dims.data,
         )
-        recorder = _RecordingSampler(sampler) if record else None
+        recorder = _RecordingSampler(sampler) if record or sources else None
         loader = build_dataloader(dataset, recorder or sampler, self.cfg.data.num_workers, self.collate())
         for batch in loader:
-            if recorder is not None:
-                self._record(recorder.yielded.popleft())
+            ids = recorder.yielded.popleft() if recorder is not None else None
+            if record:
+                self._record(ids)
+            if sources:  # the previous micro batch's loss is computed by now (the pipeline's last stage too)
+                self.add_sample_losses()
+                self._pending_sources = torch.tensor([dataset.source_of(i)[0] for i in ids])
             yield batch
+
+    @property
+    def per_source(self) -> bool:
+        """Whether the train split blends several sources (then the loss is logged per source)."""
+        return hasattr(self.train, "source_of") and len(self.train.datasets) > 1
+
+    def add_sample_losses(self) -> None:
+        """Add the loss of the micro batch last trained on (megalm.parallel.loss.SAMPLE_LOSSES, set where the
+        loss is computed) to its samples' sources; once per micro batch, after its forward pass."""
+        sums, tokens = SAMPLE_LOSSES.take()
+        sources, self._pending_sources = self._pending_sources, None
+        if sums is None or sources is None or self.groups.tensor_rank != 0:  # tensor ranks hold the same losses
+            return
+        if self.source_losses_sum is None:
+            self.source_losses_sum = torch.zeros(len(self.train.datasets), 2, dtype=torch.float64)
+        self.source_losses_sum.index_add_(0, sources, torch.stack([sums.double().cpu(), tokens.double().cpu()], 1))
+
+    def source_loss_metrics(self) -> dict[str, float]:
+        """Collective (every rank): loss/<source> = the mean token loss of each source's samples trained on
+        since the last call, over every data-parallel rank and context chunk; empty without a blend."""
+        if not self.per_source:
+            return {}
+        total = self.source_losses_sum if self.source_losses_sum is not None else \
+            torch.zeros(len(self.train.datasets), 2, dtype=torch.float64)
+        total = total.to(communication_device(None))
+        dist.all_reduce(total)
+        self.source_losses_sum = None
+        return {f"loss/{Path(name).name}": float(s / n) for name, (s, n) in zip(self._source_names(), total.tolist(),
+                                                                                strict=True) if n > 0}
 
     def collate(self) -> Collate:
         """How this rank's batches are made: its context chunk, and document ids when masked."""
@@ -155,7 +195,7 @@ class TrainData:
                        context_rank=self.groups.context_rank, context_size=self.groups.dims.context)
 
     def train_batches(self, consumed_samples: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return self._batches(self.train, consumed_samples, record=self.cfg.logging.sample_ids)
+        return self._batches(self.train, consumed_samples, record=self.cfg.logging.sample_ids, sources=self.per_source)
 
     def valid_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self._batches(self.valid, 0, record=False)

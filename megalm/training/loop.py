@@ -20,6 +20,7 @@ from megalm.inference.load import TextCodec
 from megalm.model.moe import end_step_statistics, moe_metrics, update_expert_bias
 from megalm.parallel.dims import ParallelDims
 from megalm.parallel.launch_env import discover
+from megalm.parallel.loss import SAMPLE_LOSSES
 from megalm.training import checkpoint as ckpt
 from megalm.training import manifest
 from megalm.training.async_save import BackgroundWriter
@@ -71,6 +72,7 @@ def setup(cfg: Config) -> Run:
                    prepare_model=universal.weight_loader(cfg) if universal else None)
     if rt.data.change and dist.get_rank() == 0 and cfg.logging.console:
         print(rt.data.change, flush=True)
+    SAMPLE_LOSSES.enabled = rt.data.per_source  # the loss functions keep each sample's loss for loss/<source>
     run_dir = Path(cfg.train.run_dir)
     rank0 = dist.get_rank() == 0
     if rank0:
@@ -139,6 +141,7 @@ def _one_step(
     t0 = time.perf_counter()
     lr = run.rt.engine.ds.get_lr()[0]  # the rate this step uses (the scheduler steps after it)
     loss, wait, own = train_step(run.rt, batches, watchdog)
+    run.rt.data.add_sample_losses()  # the step's last micro batch (the others as the next one was read)
     state = replace(state, step=state.step + 1,
                     consumed_samples=state.consumed_samples + cfg.train.global_batch_size)
     run.last_loss = loss
@@ -311,6 +314,7 @@ def _log_step(run: Run, state: TrainState, loss: float, lr: float, seconds: floa
         "skipped_steps": state.skipped_steps,
         **(moe_metrics(run.rt.engine.ds.module, run.rt.groups.data) if cfg.model.moe_num_experts else {}),
         **run.rt.data.mixture_metrics(state.consumed_samples - cfg.train.global_batch_size),
+        **run.rt.data.source_loss_metrics(),
     }
     run.logger.log(state.step, scalars)
 

@@ -128,3 +128,33 @@ def test_data_changed_under_a_run_is_one_line_unless_accepted(two_sources, tmp_p
     assert max(step_losses(run)) == 2
     train(run, *mix, "train.steps=4", "data.accept_changed_data=true")
     assert max(step_losses(run)) == 4
+
+
+def test_the_loss_of_each_source_is_logged_and_equal_at_every_layout(two_sources, tmp_path):
+    # loss/<source>: the mean token loss of each source's samples of the step (log_interval 1), from the
+    # per-token losses the loss already computes; the step's loss is their mean weighted by each
+    # source's samples (all samples have seq_len labels); the same at DP2, TP2, PP2 and CP2 (1e-5)
+    web, books = two_sources
+    mix = [f"data.train_prefixes=[[0.75,{web}],[0.25,{books}]]", "train.steps=3"]
+    runs = {"one": ([], 1), "dp2": ([], 2), "tp2": (["parallel.tensor=2"], 2), "pp2": (["parallel.pipeline=2"], 2),
+            "cp2": (["parallel.context=2"], 2), "unfused": (["model.loss_chunk_tokens=0"], 1)}
+    logged = {}
+    for name, (layout, world) in runs.items():
+        train(tmp_path / name, *mix, *layout, world=world)
+        logged[name] = {r["step"]: r for r in read_metrics(tmp_path / name) if "loss/web" in r}
+        assert sorted(logged[name]) == [1, 2, 3], name
+    counts: dict[int, dict[str, int]] = {}
+    for f in (tmp_path / "one" / "sample_sources").glob("rank*.jsonl"):
+        for i, line in enumerate(f.read_text().splitlines()):  # micro batches of 2, 2 per step
+            for source, _ in json.loads(line):
+                counts.setdefault(i // 2 + 1, {}).setdefault(Path(source).name, 0)
+                counts[i // 2 + 1][Path(source).name] += 1
+    for step, r in logged["one"].items():
+        n = counts[step]
+        mean = sum(r[f"loss/{k}"] * n[k] for k in n) / sum(n.values())
+        assert mean == pytest.approx(r["loss"], rel=1e-6), (step, r, n)
+        assert r["loss/web"] != pytest.approx(r["loss/books"], rel=1e-3)  # two sources, two losses
+    for name, by_step in logged.items():
+        for step, r in by_step.items():
+            for key in ("loss/web", "loss/books"):
+                assert r[key] == pytest.approx(logged["one"][step][key], rel=1e-5), (name, step, key)
