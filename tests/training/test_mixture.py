@@ -15,19 +15,24 @@ from megalm.testing.runs import TINY, read_metrics, step_losses
 
 
 @pytest.fixture(scope="module")
-def two_sources(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    """Two byte-tokenized shards of different documents (the built-in corpus's halves)."""
+def sources(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
+    """Three byte-tokenized shards of different documents (thirds of the built-in corpus)."""
     from megalm.data.preprocess import preprocess
     from megalm.data.stdlib_corpus import write_stdlib_corpus
 
     d = tmp_path_factory.mktemp("sources")
     lines = write_stdlib_corpus(d / "corpus.jsonl").read_text(encoding="utf-8").splitlines()
     prefixes = []
-    for name, part in (("web", lines[::2]), ("books", lines[1::2])):
+    for name, part in (("web", lines[::3]), ("books", lines[1::3]), ("code", lines[2::3])):
         (d / f"{name}.jsonl").write_text("\n".join(part) + "\n", encoding="utf-8")
         preprocess([str(d / f"{name}.jsonl")], "text", "byte", "", str(d / name), workers=1, progress=False)
         prefixes.append(str(d / name))
-    return prefixes[0], prefixes[1]
+    return prefixes[0], prefixes[1], prefixes[2]
+
+
+@pytest.fixture(scope="module")
+def two_sources(sources: tuple[str, str, str]) -> tuple[str, str]:
+    return sources[0], sources[1]
 
 
 def base(run_dir: Path, *extra: str) -> list[str]:
@@ -54,8 +59,8 @@ def checkpoint_data(run_dir: Path, step: int) -> dict:
     return json.loads((run_dir / "checkpoints" / f"global_step{step}" / "megalm.json").read_text())["data"]
 
 
-def test_a_mixture_changed_on_resume_continues_every_source_from_its_position(two_sources, tmp_path):
-    web, books = two_sources
+def test_a_mixture_changed_on_resume_continues_every_source_from_its_position(sources, tmp_path):
+    web, books, code = sources
     first = [f"data.train_prefixes=[[0.5,{web}],[0.5,{books}]]", "checkpoint.interval=6"]
     run = tmp_path / "run"
     train(run, *first, "train.steps=6")
@@ -86,6 +91,12 @@ def test_a_mixture_changed_on_resume_continues_every_source_from_its_position(tw
 
     reshard(run, tmp_path / "tp2", tensor=2, pipeline=1)
     assert checkpoint_data(tmp_path / "tp2", 12) == later
+    # then web removed and code added: books goes on from its position, code starts at its first sample
+    train(run, f"data.train_prefixes=[[0.5,{books}],[0.5,{code}]]", "checkpoint.interval=6", "train.steps=16")
+    seen = drawn(run)
+    assert all(seen[s] == list(range(len(seen[s]))) for s in ("web", "books", "code")), seen
+    assert len(seen["web"]) == later["positions"][web]  # not read again
+    assert len(seen["books"]) == later["positions"][books] + 8 and len(seen["code"]) == 8
 
 
 def test_a_mixture_schedule_switches_weights_at_its_step_and_resumes_exactly(two_sources, tmp_path):
@@ -121,7 +132,8 @@ def test_data_changed_under_a_run_is_one_line_unless_accepted(two_sources, tmp_p
     (tmp_path / "a.jsonl").write_text("\n".join(lines[: len(lines) // 2]) + "\n", encoding="utf-8")
     preprocess([str(tmp_path / "a.jsonl")], "text", "byte", "", str(source), workers=1, progress=False)
     for extra, message in (([], f"data source {source} changed since the checkpoint (bin_bytes differs)"),
-                           (["data.seq_len=32"], "data.seq_len is 32, the checkpoint trained with 64")):
+                           (["data.seq_len=32"], "data.seq_len is 32, the checkpoint trained with 64"),
+                           (["data.split=90,5,5"], "data.split is '90,5,5', the checkpoint trained with '98,1,1'")):
         with pytest.raises(DistributedTestError) as refused:
             train(run, *mix, *extra, "train.steps=4")
         assert message in str(refused.value) and "set data.accept_changed_data=true" in str(refused.value)
