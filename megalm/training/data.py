@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 from megalm.config import Config
 from megalm.data.builder import build_datasets, open_shards, parse_prefixes, token_weights
-from megalm.data.mixture import MixturePlan, ResumedData, check_unchanged, fingerprint, plan_mixture
 from megalm.data.meta import read_meta
+from megalm.data.mixture import MixturePlan, ResumedData, check_unchanged, fingerprint, plan_mixture
 from megalm.data.packing import Collate
 from megalm.data.sampler import MegatronPretrainingSampler, build_dataloader
 from megalm.data.tokenizer import build_tokenizer

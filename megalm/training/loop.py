@@ -25,10 +25,10 @@ from megalm.training import checkpoint as ckpt
 from megalm.training import manifest
 from megalm.training.async_save import BackgroundWriter
 from megalm.training.checkpoint_meta import CheckpointMeta, TrainState
+from megalm.training.data import TrainData
 from megalm.training.ds_config import deepspeed_zero_stage
 from megalm.training.metrics import MetricsLogger, Throughput, device_peak_tflops, memory_gib
 from megalm.training.signals import PreemptionFlag
-from megalm.training.data import TrainData
 from megalm.training.startup import Runtime, bootstrap
 from megalm.training.stragglers import StragglerMonitor
 from megalm.training.watchdog import StepWatchdog

@@ -202,7 +202,6 @@ class Muon(torch.optim.Optimizer):
         self.overflow = self.guard and nonfinite_gradients(grads, None)
         if self.overflow:
             return None
-        o = self.cfg
         for i, group in enumerate(self.param_groups):
             for j, p in enumerate(group["params"]):
                 if p.grad is None:
