@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +71,10 @@ class TrainData:
     fingerprints: dict[str, dict[str, Any]]
     change: str | None = None
     """The line a resume that changes the mixture says (megalm.data.mixture); None otherwise."""
-    source_losses_sum: torch.Tensor | None = None
-    """Per source: summed token loss and tokens since the last log line (a blend only; this rank's part)."""
-    _pending_sources: torch.Tensor | None = None  # the source of each sample of the micro batch last yielded
+    source_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Per split ("train", "valid"), per source: summed token loss and tokens since last read (a blend
+    only; this rank's part)."""
+    _pending: tuple[str, torch.Tensor] | None = None  # the split and each sample's source of the micro batch last yielded
 
     @classmethod
     def build(cls, cfg: Config, groups: ProcessGroups, resumed: Any = None) -> TrainData:
@@ -120,9 +121,9 @@ class TrainData:
             return {s: int(n) for s, n in zip(self._source_names(), self.train.drawn(consumed), strict=True)}
         return {self.train.indexed.prefix: consumed}
 
-    def _source_names(self) -> list[str]:
-        """The prefix of each dataset the train blend draws from, in its order."""
-        return [ds.indexed.prefix for ds in self.train.datasets]
+    def _source_names(self, split: str = "train") -> list[str]:
+        """The prefix of each dataset the split's blend draws from, in its order."""
+        return [ds.indexed.prefix for ds in getattr(self, split).datasets]
 
     def checkpoint_state(self, consumed: int) -> dict[str, Any]:
         """What a checkpoint records about the data (CheckpointMeta.data): the mixture plan, each
@@ -137,9 +138,9 @@ class TrainData:
         return {f"mixture/{Path(s).name}": w for s, w in self.mixture.weights_at(consumed).items()}
 
     def _batches(self, dataset: Any, consumed: int, record: bool,
-                 sources: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's micro batches from `consumed` on; `record`: logging.sample_ids; `sources`: each
-        batch's sample sources kept for the per-source loss (`add_sample_losses`)."""
+                 sources: str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's micro batches from `consumed` on; `record`: logging.sample_ids; `sources` (the
+        split's name): each batch's sample sources kept for the per-source loss (`add_sample_losses`)."""
         if dataset is None or len(dataset) == 0:
             raise MegalmError("the validation split is empty: give it documents (data.split) or set "
                               "train.eval_interval=0")
@@ -156,7 +157,7 @@ class TrainData:
                 self._record(ids)
             if sources:  # the previous micro batch's loss is computed by now (the pipeline's last stage too)
                 self.add_sample_losses()
-                self._pending_sources = torch.tensor([dataset.source_of(i)[0] for i in ids])
+                self._pending = (sources, torch.tensor([dataset.source_of(i)[0] for i in ids]))
             yield batch
 
     @property
@@ -168,25 +169,26 @@ class TrainData:
         """Add the loss of the micro batch last trained on (megalm.parallel.loss.SAMPLE_LOSSES, set where the
         loss is computed) to its samples' sources; once per micro batch, after its forward pass."""
         sums, tokens = SAMPLE_LOSSES.take()
-        sources, self._pending_sources = self._pending_sources, None
-        if sums is None or sources is None or self.groups.tensor_rank != 0:  # tensor ranks hold the same losses
+        pending, self._pending = self._pending, None
+        if sums is None or pending is None or self.groups.tensor_rank != 0:  # tensor ranks hold the same losses
             return
-        if self.source_losses_sum is None:
-            self.source_losses_sum = torch.zeros(len(self.train.datasets), 2, dtype=torch.float64)
-        self.source_losses_sum.index_add_(0, sources, torch.stack([sums.double().cpu(), tokens.double().cpu()], 1))
+        split, sources = pending
+        total = self.source_losses.setdefault(split, torch.zeros(len(self._source_names(split)), 2, dtype=torch.float64))
+        total.index_add_(0, sources, torch.stack([sums.double().cpu(), tokens.double().cpu()], 1))
 
-    def source_loss_metrics(self) -> dict[str, float]:
-        """Collective (every rank): loss/<source> = the mean token loss of each source's samples trained on
-        since the last call, over every data-parallel rank and context chunk; empty without a blend."""
-        if not self.per_source:
+    def source_loss_metrics(self, split: str = "train") -> dict[str, float]:
+        """Collective (every rank): loss/<source> (val_loss/<source> for "valid") = the mean token loss of
+        each source's samples of the split since the last call, over every data-parallel rank and context
+        chunk; empty without a blend."""
+        if not self.per_source or not hasattr(getattr(self, split), "source_of"):
             return {}
-        total = self.source_losses_sum if self.source_losses_sum is not None else \
-            torch.zeros(len(self.train.datasets), 2, dtype=torch.float64)
+        names = self._source_names(split)
+        total = self.source_losses.pop(split, torch.zeros(len(names), 2, dtype=torch.float64))
         total = total.to(communication_device(None))
         dist.all_reduce(total)
-        self.source_losses_sum = None
-        return {f"loss/{Path(name).name}": float(s / n) for name, (s, n) in zip(self._source_names(), total.tolist(),
-                                                                                strict=True) if n > 0}
+        key = "loss" if split == "train" else "val_loss"
+        return {f"{key}/{Path(name).name}": float(s / n) for name, (s, n) in zip(names, total.tolist(), strict=True)
+                if n > 0}
 
     def collate(self) -> Collate:
         """How this rank's batches are made: its context chunk, and document ids when masked."""
@@ -195,10 +197,12 @@ class TrainData:
                        context_rank=self.groups.context_rank, context_size=self.groups.dims.context)
 
     def train_batches(self, consumed_samples: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return self._batches(self.train, consumed_samples, record=self.cfg.logging.sample_ids, sources=self.per_source)
+        return self._batches(self.train, consumed_samples, record=self.cfg.logging.sample_ids,
+                             sources="train" if self.per_source else None)
 
     def valid_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return self._batches(self.valid, 0, record=False)
+        return self._batches(self.valid, 0, record=False,
+                             sources="valid" if self.per_source and hasattr(self.valid, "source_of") else None)
 
     def _record(self, ids: list[int]) -> None:
         """logging.sample_ids: the blended sample ids of this rank's micro batch (sample_ids/), and for a

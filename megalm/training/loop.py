@@ -252,7 +252,8 @@ class _TimedIterator:
 
 @torch.no_grad()
 def evaluate(run: Run, step: int) -> float:
-    """Mean validation loss over `train.eval_steps` global batches (the same batches every time)."""
+    """Mean validation loss over `train.eval_steps` global batches (the same batches every time); a blend's
+    sources' own (val_loss/<source>) besides."""
     cfg, rt = run.cfg, run.rt
     engine, device = rt.engine, rt.device
     batches = rt.data.valid_batches()
@@ -266,12 +267,14 @@ def evaluate(run: Run, step: int) -> float:
             inputs, labels = next(batches)
             losses.append(float(model_loss(rt, inputs, labels)))
     engine.ds.train()
+    rt.data.add_sample_losses()  # the last micro batch's (the others as the next one was read)
     mean = torch.tensor([sum(losses) / len(losses)], dtype=torch.float64, device=device)
     if not engine.pipeline:
         dist.all_reduce(mean, group=rt.groups.data)
         mean /= rt.dims.data
     val_loss = mean.item()
-    run.logger.log(step, {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
+    run.logger.log(step, {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
+                          **rt.data.source_loss_metrics("valid")})
     return val_loss
 
 

@@ -117,7 +117,7 @@ class MetricsLogger:
         record = {"step": step, **{k: _finite_or_str(v) for k, v in scalars.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
-        tagged = {key if key.startswith("lm_eval/") else f"train/{key}" if "val" not in key else f"eval/{key}": value
+        tagged = {key if key.startswith("lm_eval/") else f"eval/{key}" if key.startswith("val_") else f"train/{key}": value
                   for key, value in scalars.items()}
         if self._writer is not None:
             for tag, value in tagged.items():
@@ -130,7 +130,8 @@ class MetricsLogger:
 
     def _console_line(self, step: int, s: dict[str, float], first_step: int) -> str:
         if "val_loss" in s:
-            return f"step {step:>6} | val_loss {s['val_loss']:.4f} | val_ppl {s['val_ppl']:.2f}"
+            sources = [f"{k.removeprefix('val_loss/')} {v:.4f}" for k, v in s.items() if k.startswith("val_loss/")]
+            return " | ".join([f"step {step:>6}", f"val_loss {s['val_loss']:.4f}", f"val_ppl {s['val_ppl']:.2f}", *sources])
         parts = [f"step {step:>6}/{self.total_steps}", f"loss {s['loss']:.4f}", f"lr {s['lr']:.3e}",
                  f"grad_norm {s.get('grad_norm', float('nan')):.3f}",
                  f"tok/s {s.get('tokens_per_s', 0):,.0f}", f"TFLOP/s/dev {s.get('tflops', 0):.3f}"]

@@ -20,9 +20,11 @@ orthogonalises the matrices its partition touches (a matrix across a partition b
 DeepSpeed's choice too) and keeps its slice. A group is all Muon or all AdamW (megalm.training.optimizer).
 
 A tensor-parallel rank holds a shard of each matrix; orthogonalising the shard is not orthogonalising
-the matrix. `sharded_update` gathers the shards over the tensor group (all-gather: the matrix's bytes
-once per rank per step), orthogonalises the whole matrix (every tensor rank the same computation) and
-keeps this rank's shard, so every layout takes the same step.
+the matrix. `sharded_updates` spreads a step's matrices over the tensor ranks (each matrix one owner,
+balanced by the iteration's FLOPs): one all-to-all brings each owner the shards of its matrices, the
+owner orthogonalises them whole, a second all-to-all hands every rank its shard of every update. Each
+rank sends and receives (T-1)/T of a matrix's bytes per matrix, as an all-gather would, and runs about
+1/T of the Newton-Schulz work instead of all of it; every layout takes the same step.
 
 Which parameters take Muon (`muon_matrices`): attention's q, k, v and output projections, the MLP's
 (a MoE layer's shared expert's too) and every routed expert, each expert its own matrix (a batch of
@@ -119,17 +121,70 @@ def orthogonalized(u: torch.Tensor, split: LogicalSplit, steps: int = 5,
     return split.join(parts).to(u.dtype)
 
 
-def sharded_update(u: torch.Tensor, split: LogicalSplit, group: dist.ProcessGroup | None, dim: int, stride: int = 1,
-                   **kwargs: float) -> torch.Tensor:
-    """This tensor rank's shard of the orthogonalised update of the matrix whose shards (split along
-    `dim` with `stride`, megalm.parallel.layers.shard_tensor) the tensor ranks hold as `u`."""
-    world = group_size(group)
-    if world == 1 or dim < 0:
-        return orthogonalized(u, split, **kwargs)
-    shards = [torch.empty_like(u) for _ in range(world)]
-    dist.all_gather(shards, u.contiguous(), group=group)
-    full = orthogonalized(unshard_tensor(shards, dim, stride), split, **kwargs)
-    return shard_tensor(full, dim, group_rank(group), world, stride)
+def ns_flops(shape: torch.Size | tuple[int, ...], steps: int) -> int:
+    """About the Newton-Schulz FLOPs of a (batch of) matrix of `shape`: per step 3 products of the
+    wide side (X X^T, A A and (bA + cA^2) X), m^2 n + m^3 + m^2 n with m <= n."""
+    *batch, rows, cols = shape
+    m, n = min(rows, cols), max(rows, cols)
+    return math.prod(batch) * steps * 2 * (2 * m * m * n + m**3)
+
+
+def owners(costs: list[int], world: int) -> list[int]:
+    """Each item's rank: the largest first, each to the least loaded rank (ties: the lowest), so every
+    rank computes the same assignment from the shapes alone."""
+    load, owner = [0] * world, [0] * len(costs)
+    for k in sorted(range(len(costs)), key=lambda k: (-costs[k], k)):
+        owner[k] = min(range(world), key=lambda r: (load[r], r))
+        load[owner[k]] += costs[k]
+    return owner
+
+
+def sharded_updates(items: list[tuple[torch.Tensor, MuonMatrix]], group: dist.ProcessGroup | None,
+                    steps: int = 5, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+                    rms: float = 0.2) -> list[torch.Tensor]:
+    """This tensor rank's shard of the orthogonalised update of each matrix whose shards the tensor
+    ranks hold as `u` (split as `matrix.dim`/`matrix.stride`, megalm.parallel.layers.shard_tensor; dim
+    -1: every rank holds it whole). Every tensor rank passes the same matrices in the same order."""
+    kwargs = dict(steps=steps, coefficients=coefficients, rms=rms)
+    world, rank = group_size(group), group_rank(group)
+    out: list[torch.Tensor | None] = [None] * len(items)
+    sharded = [k for k, (_, m) in enumerate(items) if world > 1 and m.dim >= 0]
+    for k, (u, matrix) in enumerate(items):
+        if world == 1 or matrix.dim < 0:
+            out[k] = orthogonalized(u, matrix.split, **kwargs)
+    if not sharded:
+        return out
+    whole = [(*items[k][0].shape[:items[k][1].dim], items[k][0].size(items[k][1].dim) * world,
+              *items[k][0].shape[items[k][1].dim + 1:]) for k in sharded]
+    owner = owners([ns_flops(shape, steps) for shape in whole], world)
+    mine = [i for i, o in enumerate(owner) if o == rank]
+    sizes = [items[k][0].numel() for k in sharded]
+    by_owner = [[i for i, o in enumerate(owner) if o == r] for r in range(world)]
+    send = torch.cat([items[sharded[i]][0].reshape(-1).float() for r in range(world) for i in by_owner[r]])
+    received = torch.empty(world * sum(sizes[i] for i in mine), dtype=torch.float32, device=send.device)
+    dist.all_to_all_single(received, send, output_split_sizes=[sum(sizes[i] for i in mine)] * world,
+                           input_split_sizes=[sum(sizes[i] for i in by_owner[r]) for r in range(world)], group=group)
+    pieces: list[list[torch.Tensor]] = [[] for _ in range(world)]  # pieces[r]: rank r's shards of my updates
+    for s, chunk in enumerate(received.split(sum(sizes[i] for i in mine))):
+        for i, flat in zip(mine, chunk.split([sizes[i] for i in mine]), strict=True):
+            pieces[s].append(flat.view(items[sharded[i]][0].shape))
+    back = []
+    for j, i in enumerate(mine):
+        u, matrix = items[sharded[i]]
+        full = orthogonalized(unshard_tensor([pieces[s][j] for s in range(world)], matrix.dim, matrix.stride),
+                              matrix.split, **kwargs)
+        back.append([shard_tensor(full, matrix.dim, r, world, matrix.stride) for r in range(world)])
+    send = torch.cat([back[j][r].reshape(-1) for r in range(world) for j in range(len(mine))]) if mine else \
+        torch.empty(0, dtype=torch.float32, device=received.device)
+    returned = torch.empty(sum(sizes), dtype=torch.float32, device=send.device)
+    dist.all_to_all_single(returned, send, output_split_sizes=[sum(sizes[i] for i in by_owner[r]) for r in range(world)],
+                           input_split_sizes=[sum(sizes[i] for i in mine)] * world, group=group)
+    flats = iter(returned.split([sizes[i] for r in range(world) for i in by_owner[r]]))
+    for r in range(world):
+        for i in by_owner[r]:
+            u = items[sharded[i]][0]
+            out[sharded[i]] = next(flats).view(u.shape).to(u.dtype)
+    return out
 
 
 @dataclass(frozen=True)
@@ -202,6 +257,7 @@ class Muon(torch.optim.Optimizer):
         self.overflow = self.guard and nonfinite_gradients(grads, None)
         if self.overflow:
             return None
+        pending = []  # the whole matrices' (p, group, u, matrix): orthogonalised together, spread over tensor ranks
         for i, group in enumerate(self.param_groups):
             for j, p in enumerate(group["params"]):
                 if p.grad is None:
@@ -216,7 +272,10 @@ class Muon(torch.optim.Optimizer):
                 if tuple(p.shape) != shape:  # not the tensors it was built over: never AdamW on them silently
                     raise MegalmError(f"Muon: parameter {j} of group {i} has shape {tuple(p.shape)}, the matrix it "
                                       f"was built for {shape}: its groups were rearranged")
-                self._apply(p, group, self._update(self._momentum(p), matrix))
+                pending.append((p, group, self._momentum(p), matrix))
+        updates = self._updates([(u, matrix) for _, _, u, matrix in pending])
+        for (p, group, _, _), update in zip(pending, updates, strict=True):
+            self._apply(p, group, update)
         return None
 
     def _momentum(self, p: torch.Tensor) -> torch.Tensor:
@@ -228,10 +287,10 @@ class Muon(torch.optim.Optimizer):
         buf.mul_(mu).add_(g)
         return g.add(buf, alpha=mu) if self.cfg.muon_nesterov else buf
 
-    def _update(self, u: torch.Tensor, matrix: MuonMatrix) -> torch.Tensor:
+    def _updates(self, items: list[tuple[torch.Tensor, MuonMatrix]]) -> list[torch.Tensor]:
         o = self.cfg
-        return sharded_update(u, matrix.split, self.tensor_group, matrix.dim, matrix.stride, steps=o.muon_ns_steps,
-                              coefficients=tuple(o.muon_ns_coefficients), rms=o.muon_update_rms)
+        return sharded_updates(items, self.tensor_group, steps=o.muon_ns_steps,
+                               coefficients=tuple(o.muon_ns_coefficients), rms=o.muon_update_rms)
 
     @staticmethod
     def _apply(p: torch.Tensor, group: dict, update: torch.Tensor) -> None:
@@ -246,11 +305,13 @@ class Muon(torch.optim.Optimizer):
         dist.all_gather(parts, u.contiguous(), group=layout.group) if len(parts) > 1 else parts[0].copy_(u)
         whole, lo = torch.cat(parts), rank * n
         update = torch.zeros_like(u)
-        for p, offset in zip(layout.params, layout.offsets, strict=True):  # the same order on every tensor rank
+        touched = [(p, offset) for p, offset in zip(layout.params, layout.offsets, strict=True)  # the same order on
+                   if max(offset, lo) < min(offset + p.numel(), lo + n)]                          # every tensor rank
+        updates = self._updates([(whole[offset:offset + p.numel()].view(p.shape), self.matrix_of[id(p)])
+                                 for p, offset in touched])
+        for (p, offset), matrix in zip(touched, updates, strict=True):
             start, end = max(offset, lo), min(offset + p.numel(), lo + n)
-            if start < end:
-                matrix = self._update(whole[offset:offset + p.numel()].view(p.shape), self.matrix_of[id(p)])
-                update[start - lo:end - lo] = matrix.reshape(-1)[start - offset:end - offset]
+            update[start - lo:end - lo] = matrix.reshape(-1)[start - offset:end - offset]
         self._apply(flat, group, update)
 
     def init_state(self, group: dict, p: torch.Tensor, step: float) -> dict:

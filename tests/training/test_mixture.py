@@ -146,8 +146,12 @@ def test_the_loss_of_each_source_is_logged_and_equal_at_every_layout(two_sources
     # loss/<source>: the mean token loss of each source's samples of the step (log_interval 1), from the
     # per-token losses the loss already computes; the step's loss is their mean weighted by each
     # source's samples (all samples have seq_len labels); the same at DP2, TP2, PP2 and CP2 (1e-5)
+    # validation too (val_loss/<source> at each evaluation): val_loss, the mean of equal micro batches'
+    # means, = the sources' val losses weighted by their validation samples (counted from the split's own
+    # blend); the same at every layout
     web, books = two_sources
-    mix = [f"data.train_prefixes=[[0.75,{web}],[0.25,{books}]]", "train.steps=3"]
+    mix = [f"data.train_prefixes=[[0.75,{web}],[0.25,{books}]]", "train.steps=3", "train.eval_interval=3",
+           "train.eval_steps=2"]
     runs = {"one": ([], 1), "dp2": ([], 2), "tp2": (["parallel.tensor=2"], 2), "pp2": (["parallel.pipeline=2"], 2),
             "cp2": (["parallel.context=2"], 2), "unfused": (["model.loss_chunk_tokens=0"], 1)}
     logged = {}
@@ -170,3 +174,40 @@ def test_the_loss_of_each_source_is_logged_and_equal_at_every_layout(two_sources
         for step, r in by_step.items():
             for key in ("loss/web", "loss/books"):
                 assert r[key] == pytest.approx(logged["one"][step][key], rel=1e-5), (name, step, key)
+    val = {name: [r for r in read_metrics(tmp_path / name) if "val_loss" in r] for name in runs}
+    n, direct = validation_sources(TINY, [*base(tmp_path / "one"), *mix], tmp_path / "one" / "checkpoints")
+    (one,) = val["one"]
+    assert one["val_loss"] == pytest.approx(sum(one[f"val_loss/{k}"] * n[k] for k in n) / sum(n.values()), rel=1e-6)
+    for k, loss in direct.items():  # each source's samples through the saved model, one by one
+        assert one[f"val_loss/{k}"] == pytest.approx(loss, rel=1e-5), (k, one, direct)
+    assert one["val_loss/web"] != pytest.approx(one["val_loss/books"], rel=1e-3), one
+    for name, (r,) in val.items():
+        for key in ("val_loss", "val_loss/web", "val_loss/books"):
+            assert r[key] == pytest.approx(one[key], rel=1e-5), (name, key)
+
+
+def validation_sources(config: str, overrides: list[str], checkpoints: Path) -> tuple[dict[str, int], dict[str, float]]:
+    """How many of the validation batches' samples each source gives (the valid split's blend, rebuilt),
+    and each source's mean token loss on them by the model saved in `checkpoints`, computed here."""
+    import torch
+
+    from megalm.config import load_config
+    from megalm.data.builder import build_datasets
+    from megalm.data.tokenizer import build_tokenizer
+    from megalm.inference.load import load_from_checkpoint
+
+    cfg = load_config(config, overrides)
+    d, t = cfg.data, cfg.train
+    _, valid, _ = build_datasets(d, build_tokenizer(d.tokenizer_type, d.tokenizer_model), t.seed,
+                                 (t.steps * t.global_batch_size, t.eval_steps * t.global_batch_size, 0))
+    model, _ = load_from_checkpoint(checkpoints / (checkpoints / "latest").read_text())
+    names = [Path(ds.indexed.prefix).name for ds in valid.datasets]
+    counts, sums = dict.fromkeys(names, 0), dict.fromkeys(names, 0.0)
+    for i in range(t.eval_steps * t.global_batch_size):
+        source = names[valid.source_of(i)[0]]
+        tokens = torch.from_numpy(valid[i])
+        with torch.no_grad():
+            logits = model(tokens[None, :-1])[0, :, :cfg.model.vocab_size].double()
+        counts[source] += 1
+        sums[source] += float(torch.nn.functional.cross_entropy(logits, tokens[1:], reduction="sum"))
+    return counts, {k: sums[k] / (counts[k] * d.seq_len) for k in names if counts[k]}

@@ -11,7 +11,14 @@ import torch
 
 from megalm.parallel.layers import shard_tensor
 from megalm.testing.distributed import run_distributed_test
-from megalm.training.muon import LogicalSplit, newton_schulz, orthogonalized, sharded_update
+from megalm.training.muon import (
+    LogicalSplit,
+    MuonMatrix,
+    newton_schulz,
+    orthogonalized,
+    owners,
+    sharded_updates,
+)
 
 HEADS, KV, HEAD_DIM, D, FFN = 4, 2, 8, 16, 24
 
@@ -69,25 +76,45 @@ def test_a_whole_fused_matrix_is_orthogonalised_per_logical_matrix():
     assert not torch.allclose(orthogonalized(w["fc1"], LogicalSplit.whole()).double(), ref["fc1"], atol=1e-3)
 
 
-def _sharded_rank() -> dict[str, torch.Tensor]:
+def _sharded_rank(world: int) -> tuple[dict[str, torch.Tensor], int]:
     import torch.distributed as dist
 
-    group, rank = dist.new_group([0, 1]), dist.get_rank()
-    return {name: sharded_update(shard_tensor(w, *SHARDING[name][:1], rank, 2, SHARDING[name][1]), SPLITS[name], group,
-                                 *SHARDING[name])
-            for name, w in matrices().items()}
+    import megalm.training.muon as muon
+
+    group, rank, calls = dist.new_group(list(range(world))), dist.get_rank(), []
+    plain = muon.newton_schulz
+    muon.newton_schulz = lambda g, *a, **k: calls.append(g.shape) or plain(g, *a, **k)
+    w = matrices()
+    items = [(shard_tensor(w[name], SHARDING[name][0], rank, world, SHARDING[name][1]),
+              MuonMatrix(SPLITS[name], *SHARDING[name])) for name in w]
+    items.append((w["fc2"].clone(), MuonMatrix(SPLITS["fc2"], -1, 1)))  # a matrix every rank holds whole
+    out = sharded_updates(items, group)
+    muon.newton_schulz = plain
+    return {**dict(zip(w, out, strict=False)), "whole": out[-1]}, len(calls)
 
 
-def test_a_tensor_parallel_shard_gets_its_slice_of_the_whole_matrix_update():
-    ranks = run_distributed_test(_sharded_rank, 2)
+@pytest.mark.parametrize("world", [2, 4])
+def test_a_tensor_parallel_shard_gets_its_slice_of_the_whole_matrix_update(world):
+    # at TP4 one rank owns none of the three sharded matrices (nothing to send back: the empty case)
+    ranks = run_distributed_test(_sharded_rank, world, args=(world,))
     for name, ref in references().items():
         dim, stride = SHARDING[name]
-        for rank, got in enumerate(ranks):
-            torch.testing.assert_close(got[name].double(), shard_tensor(ref, dim, rank, 2, stride), rtol=1e-4, atol=1e-5)
+        for rank, (got, _) in enumerate(ranks):
+            torch.testing.assert_close(got[name].double(), shard_tensor(ref, dim, rank, world, stride), rtol=1e-4, atol=1e-5)
+    for got, _ in ranks:
+        torch.testing.assert_close(got["whole"].double(), references()["fc2"], rtol=1e-4, atol=1e-5)
+    # the Newton-Schulz work is spread: each sharded logical matrix (q, k, v, gate, up, fc2: 6) on one rank,
+    # the whole one on every rank
+    assert sum(calls for _, calls in ranks) == 6 + world, [calls for _, calls in ranks]
     # orthogonalising the shard instead (what a layout-blind Muon does) is another update
     w = shard_tensor(matrices()["fc2"], 1, 0, 2)
     assert not torch.allclose(orthogonalized(w, LogicalSplit.whole()).double(),
                               shard_tensor(references()["fc2"], 1, 0, 2), atol=1e-2)
+
+
+def test_matrices_go_to_the_least_loaded_rank_largest_first():
+    assert owners([5, 9, 4, 4, 1], 2) == [1, 0, 1, 0, 1]  # 9 -> 0, 5 -> 1, 4 -> 1 (5 < 9), 4 -> 0 (a tie), 1 -> 1 (9 < 13)
+    assert owners([3, 3], 4) == [0, 1]
 
 
 # ----------------------------------------------------------------------------- the optimizer
