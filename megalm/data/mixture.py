@@ -22,6 +22,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import torch.distributed as dist
+
 from megalm.config import Config
 from megalm.data.blend import Phase
 from megalm.errors import MegalmError
@@ -134,6 +136,28 @@ def fingerprint(prefix: str) -> dict[str, Any]:
             sampled.update(f.read(FINGERPRINT_BLOCK_BYTES))
     return {"bin_bytes": size, "idx_bytes": os.path.getsize(idx), "idx_sha256": digest.hexdigest(),
             "bin_sampled_sha256": sampled.hexdigest()}
+
+
+def shared_fingerprints(sources: list[str] | tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Collective: every source's fingerprint, each read by one rank (the sources dealt out over the
+    ranks, so a thousand ranks do not each hash every .idx) and shared with all; a source that cannot
+    be read is one line on every rank."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine: dict[str, Any] = {}
+    for source in sources[rank::world]:
+        try:
+            mine[source] = fingerprint(source)
+        except OSError as e:
+            mine[source] = f"cannot fingerprint data source {source}: {e.strerror or e}"
+    shares: list[dict[str, Any]] = [mine]
+    if world > 1:
+        shares = [{} for _ in range(world)]
+        dist.all_gather_object(shares, mine)
+    found = {k: v for share in shares for k, v in share.items()}
+    failed = [v for v in found.values() if isinstance(v, str)]
+    if failed:
+        raise MegalmError(failed[0])
+    return {source: found[source] for source in sources}
 
 
 def check_unchanged(cfg: Config, resumed: ResumedData, fingerprints: dict[str, dict[str, Any]],

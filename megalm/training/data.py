@@ -20,7 +20,7 @@ import torch.distributed as dist
 from megalm.config import Config
 from megalm.data.builder import build_datasets, open_shards, parse_prefixes, token_weights
 from megalm.data.meta import read_meta
-from megalm.data.mixture import MixturePlan, ResumedData, check_unchanged, fingerprint, plan_mixture
+from megalm.data.mixture import MixturePlan, ResumedData, check_unchanged, plan_mixture, shared_fingerprints
 from megalm.data.packing import Collate
 from megalm.data.sampler import MegatronPretrainingSampler, build_dataloader
 from megalm.data.tokenizer import build_tokenizer
@@ -95,7 +95,7 @@ class TrainData:
         past = None if resumed is None else ResumedData(resumed.state.step, resumed.state.consumed_samples, resumed.data or {})
         mixture, change = plan_mixture(cfg, default, past)
         open_shards([s for s in mixture.sources if s not in prefixes], tokenizer)  # present, of this tokenizer
-        fingerprints = {source: fingerprint(source) for source in mixture.sources}
+        fingerprints = shared_fingerprints(mixture.sources)  # each source hashed by one rank
         if past is not None and past.state:  # a run's checkpoint (not one converted from Hugging Face)
             check_unchanged(cfg, past, fingerprints, tokenizer.describe(), resumed.tokenizer)
         num_samples = (t.steps * t.global_batch_size, t.eval_steps * t.global_batch_size, 0)

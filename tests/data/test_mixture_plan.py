@@ -64,3 +64,40 @@ def test_bad_schedules_are_one_line():
     for bad in ("[[0,[[1,a]]]]", "[[5,[[1,a]]],[5,[[1,b]]]]", "[[5,[[0,a]]]]", "[[5,[a]]]"):
         with pytest.raises(MegalmError, match=r"data.mixture_schedule\[\d\] must be \[step, \[\[weight, prefix\]"):
             config(f"data.mixture_schedule={bad}")
+
+
+def _fingerprint_rank(prefixes: list[str]) -> tuple[dict, list[str], str]:
+    import megalm.data.mixture as mixture
+    from megalm.errors import MegalmError
+
+    read, plain = [], mixture.fingerprint
+    mixture.fingerprint = lambda p: read.append(p) or plain(p)
+    try:
+        found = mixture.shared_fingerprints(prefixes)
+        first = list(read)
+        try:
+            mixture.shared_fingerprints([*prefixes, prefixes[0] + "-missing"])
+            missing = ""
+        except MegalmError as e:
+            missing = str(e)
+    finally:
+        mixture.fingerprint = plain
+    return found, first, missing
+
+
+def test_fingerprints_are_dealt_over_the_ranks_and_shared(tmp_path):
+    # three sources on two ranks: each hashed once in all (not once per rank), every rank gets all three;
+    # a source one rank cannot read is the same line on both
+    from megalm.data.mixture import fingerprint
+    from megalm.testing.distributed import run_distributed_test
+
+    prefixes = []
+    for k in range(3):
+        (tmp_path / f"s{k}.idx").write_bytes(bytes([k]) * 100)
+        (tmp_path / f"s{k}.bin").write_bytes(bytes([k + 1]) * (1 << 20))
+        prefixes.append(str(tmp_path / f"s{k}"))
+    ranks = run_distributed_test(_fingerprint_rank, 2, args=(prefixes,))
+    expected = {p: fingerprint(p) for p in prefixes}
+    assert all(found == expected for found, _, _ in ranks)
+    assert sorted(p for _, read, _ in ranks for p in read) == sorted(prefixes), [read for _, read, _ in ranks]
+    assert ranks[0][2] == ranks[1][2] and "s0-missing" in ranks[0][2] and "cannot fingerprint" in ranks[0][2]
