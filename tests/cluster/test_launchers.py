@@ -88,15 +88,18 @@ def test_scancel_usr1_checkpoints_and_requeued_job_resumes(slurm, byte_shards, t
         time.sleep(0.2)
     subprocess.run(["scancel", "--signal=USR1", job], env=slurm, check=True)
     deadline = time.monotonic() + 240
-    released, last_release = 0, 0.0
+    released, last_release, pending_since = 0, 0.0, None
     while "resumed from" not in job_log(run_dir, job):  # the requeued job appends to the same log
         show = subprocess.run(["scontrol", "show", "job", "-o", job], env=slurm, capture_output=True, text=True).stdout
         assert time.monotonic() < deadline, f"{job_log(run_dir, job)}\n{show}"
-        # requeued: SLURM holds it ~2 min; released again while it stays pending (a release made while the
-        # old allocation was still completing can be overwritten by the requeue's own begin time)
-        if job_state(slurm, job)[0] == "PENDING" and time.monotonic() - last_release > 5:
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=True)
-            released, last_release = released + 1, time.monotonic()
+        # requeued: SLURM holds it ~2 min. Released no sooner than 3 s after it is pending: started within the
+        # second its old credential was revoked, slurmd refuses it ("Job credential revoked") and the job
+        # ends; released again while it stays pending
+        if job_state(slurm, job)[0] == "PENDING":
+            pending_since = pending_since or time.monotonic()
+            if time.monotonic() - pending_since > 3 and time.monotonic() - last_release > 5:
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=True)
+                released, last_release = released + 1, time.monotonic()
         time.sleep(0.5)
     assert released
     log = job_log(run_dir, job)
